@@ -1,0 +1,85 @@
+"""Frozen, validated configs. Every bad value raises ValueError naming the field and what is allowed."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+ACTIVATIONS = ("swiglu", "gelu")
+SCORE_ORDERS = ("softmax_topk", "topk_softmax")
+BALANCES = ("aux", "seq", "global", "loss_free", "none")
+EXPERT_IMPLS = ("grouped", "loop")
+
+
+def _need(ok: bool, field: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"MoEConfig.{field}={value!r} is invalid: allowed {allowed}")
+
+
+def _choice(field: str, value, choices) -> None:
+    _need(value in choices, field, value, "one of " + ", ".join(map(str, choices)))
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    d_model: int = 256                # D, width of the residual stream
+    d_expert: int = 512               # F, hidden size of one routed expert
+    n_experts: int = 8                # E, routed experts
+    top_k: int = 2                    # K, experts per token (routers with a fixed k)
+    n_shared: int = 0                 # always-on shared experts (DeepSeekMoE), fused into one MLP
+    d_shared: int | None = None       # hidden size of one shared expert; None = d_expert
+    activation: str = "swiglu"        # expert MLP: swiglu | gelu
+    router: str = "topk"              # key of routers.ROUTERS
+    score_order: str = "softmax_topk"  # topk router: softmax then top-k (Qwen/OLMoE) | top-k logits then softmax (Mixtral)
+    renormalize: bool = True          # topk router: renormalise the k weights to sum to 1
+    n_group: int = 1                  # sigmoid_group: expert groups
+    topk_group: int = 1               # sigmoid_group: groups kept per token
+    routed_scaling_factor: float = 1.0  # multiplies routed weights (DeepSeek-V3 uses 2.5)
+    jitter_eps: float = 0.0           # Switch input jitter: x *= U(1-eps, 1+eps) in training; 0 = off
+    capacity_factor: float | None = None  # None = dropless; else per-expert capacity = ceil(cf * T*K / E)
+    balance: str = "aux"              # aux (Switch) | seq (DeepSeek-V3) | global (global-batch) | loss_free | none
+    aux_loss_coef: float = 1e-2       # weight of the balance loss chosen by `balance`
+    z_loss_coef: float = 0.0          # weight of the router z-loss (ST-MoE); 0 = off
+    bias_update_rate: float = 1e-3    # loss_free: u in b_i += u * sign(mean_load - load_i)
+    expert_impl: str = "grouped"      # grouped (sort + grouped GEMM) | loop (per-expert reference)
+
+    def __post_init__(self) -> None:
+        for f in ("d_model", "d_expert", "n_experts", "top_k", "n_group", "topk_group"):
+            v = getattr(self, f)
+            _need(isinstance(v, int) and v >= 1, f, v, "an integer >= 1")
+        _need(isinstance(self.n_shared, int) and self.n_shared >= 0, "n_shared", self.n_shared, "an integer >= 0")
+        _need(self.d_shared is None or (isinstance(self.d_shared, int) and self.d_shared >= 1),
+              "d_shared", self.d_shared, "None or an integer >= 1")
+        _need(self.top_k <= self.n_experts, "top_k", self.top_k, f"1..n_experts={self.n_experts}")
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("score_order", self.score_order, SCORE_ORDERS)
+        _choice("balance", self.balance, BALANCES)
+        _choice("expert_impl", self.expert_impl, EXPERT_IMPLS)
+        from moelab.routers import ROUTERS  # late import: routers import this module
+        _choice("router", self.router, sorted(ROUTERS))
+        _need(self.n_experts % self.n_group == 0, "n_group", self.n_group,
+              f"a divisor of n_experts={self.n_experts}")
+        _need(self.topk_group <= self.n_group, "topk_group", self.topk_group, f"1..n_group={self.n_group}")
+        if self.router == "sigmoid_group":
+            per_group = self.n_experts // self.n_group
+            _need(per_group >= 2 or self.n_group == 1, "n_group", self.n_group,
+                  "a value leaving >= 2 experts per group (groups are ranked by their top-2 scores)")
+            _need(self.top_k <= self.topk_group * per_group, "top_k", self.top_k,
+                  f"<= topk_group * experts per group = {self.topk_group * per_group}")
+        _need(self.routed_scaling_factor > 0, "routed_scaling_factor", self.routed_scaling_factor, "> 0")
+        _need(0.0 <= self.jitter_eps < 1.0, "jitter_eps", self.jitter_eps, "0 <= jitter_eps < 1")
+        _need(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor",
+              self.capacity_factor, "None (dropless) or > 0")
+        for f in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            _need(getattr(self, f) >= 0, f, getattr(self, f), ">= 0")
+
+    @property
+    def d_shared_total(self) -> int:
+        """Hidden width of the fused shared-expert MLP (0 when there are none)."""
+        return self.n_shared * (self.d_shared or self.d_expert)
+
+    def replace(self, **changes) -> "MoEConfig":
+        """A copy with `changes`; unknown names raise a clear error."""
+        names = {f.name for f in fields(self)}
+        bad = sorted(set(changes) - names)
+        if bad:
+            raise ValueError(f"unknown MoEConfig field(s) {bad}: allowed {sorted(names)}")
+        return type(self)(**{**{n: getattr(self, n) for n in names}, **changes})

@@ -1,0 +1,106 @@
+"""Expert weights (3-D, one slab per expert) and their compute.
+
+S=routed slots sorted by expert, D=d_model, F=expert hidden, H=F (gelu) or 2F (swiglu: gate|up), E=experts.
+Two implementations of the same math: `experts_loop` (the reference: one matmul pair per expert) and
+`experts_grouped` (torch._grouped_mm over all experts at once, falling back to the loop when the
+shapes break its 16-byte alignment rule).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def activate(h_SH: Tensor, activation: str) -> Tensor:
+    """SwiGLU (Shazeer 2020, eq. 6): silu(gate) * up, with gate|up concatenated on the last dim; or GELU."""
+    if activation == "swiglu":
+        gate_SF, up_SF = h_SH.chunk(2, dim=-1)
+        return F.silu(gate_SF) * up_SF
+    return F.gelu(h_SH)
+
+
+def mlp(x_SD: Tensor, w_up_DH: Tensor, w_down_FD: Tensor, activation: str) -> Tensor:
+    """One expert (or one dense MLP): activate(x @ w_up) @ w_down."""
+    return activate(x_SD @ w_up_DH, activation) @ w_down_FD
+
+
+def experts_loop(x_SD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor,
+                 activation: str) -> Tensor:
+    """Reference: contiguous per-expert blocks, one MLP each."""
+    blocks = torch.split(x_SD, counts_E.tolist())
+    out = [mlp(xb, w_up_EDH[e], w_down_EFD[e], activation) for e, xb in enumerate(blocks)]
+    return torch.cat(out) if out else x_SD.new_zeros(0, w_down_EFD.shape[-1])
+
+
+class _GroupedMM(torch.autograd.Function):
+    """y_S* = x_S? @ w_E??[expert of row], rows grouped by the cumulative offsets offs_E (int32)."""
+
+    @staticmethod
+    def forward(ctx, x_SK: Tensor, w_EKN: Tensor, offs_E: Tensor) -> Tensor:
+        ctx.save_for_backward(x_SK, w_EKN, offs_E)
+        return torch._grouped_mm(x_SK, w_EKN, offs=offs_E)
+
+    @staticmethod
+    def backward(ctx, g_SN: Tensor):
+        x_SK, w_EKN, offs_E = ctx.saved_tensors
+        g_SN = g_SN.contiguous()
+        g_x = torch._grouped_mm(g_SN, w_EKN.transpose(-2, -1), offs=offs_E) if ctx.needs_input_grad[0] else None
+        g_w = None
+        if ctx.needs_input_grad[1]:
+            g_w = torch._grouped_mm(x_SK.t(), g_SN, offs=offs_E)
+        return g_x, g_w, None
+
+
+def _aligned(*sizes: int, itemsize: int) -> bool:
+    return all((s * itemsize) % 16 == 0 for s in sizes)
+
+
+def grouped_mm_available(x_SD: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor) -> bool:
+    """torch._grouped_mm needs every row stride (and S for the weight grad) to be a multiple of 16 bytes."""
+    if not hasattr(torch, "_grouped_mm") or x_SD.dtype != w_up_EDH.dtype:
+        return False
+    D, H = w_up_EDH.shape[1:]
+    S = x_SD.shape[0]
+    return _aligned(D, H, w_down_EFD.shape[1], S, itemsize=x_SD.element_size())
+
+
+def experts_grouped(x_SD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor,
+                    activation: str) -> Tensor:
+    """Fast path: two grouped GEMMs over all experts; same math as `experts_loop`."""
+    if not grouped_mm_available(x_SD, w_up_EDH, w_down_EFD):
+        return experts_loop(x_SD, counts_E, w_up_EDH, w_down_EFD, activation)
+    offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+    h_SH = _GroupedMM.apply(x_SD.contiguous(), w_up_EDH, offs_E)
+    return _GroupedMM.apply(activate(h_SH, activation).contiguous(), w_down_EFD, offs_E)
+
+
+EXPERT_IMPLS = {"loop": experts_loop, "grouped": experts_grouped}
+
+
+class Experts(nn.Module):
+    """E expert MLPs stored as two 3-D parameters: w_up_EDH (gate|up for SwiGLU) and w_down_EFD."""
+
+    def __init__(self, n_experts: int, d_model: int, d_hidden: int, activation: str = "swiglu"):
+        super().__init__()
+        self.activation = activation
+        H = 2 * d_hidden if activation == "swiglu" else d_hidden
+        self.w_up_EDH = nn.Parameter(torch.empty(n_experts, d_model, H))
+        self.w_down_EFD = nn.Parameter(torch.empty(n_experts, d_hidden, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.w_up_EDH, std=self.w_up_EDH.shape[1] ** -0.5)
+        nn.init.normal_(self.w_down_EFD, std=self.w_down_EFD.shape[1] ** -0.5)
+
+    @property
+    def n_experts(self) -> int:
+        return self.w_up_EDH.shape[0]
+
+    def forward(self, x_SD: Tensor, counts_E: Tensor, impl: str = "grouped") -> Tensor:
+        """x_SD sorted by expert, counts_E rows per expert -> y_SD in the same order."""
+        return EXPERT_IMPLS[impl](x_SD, counts_E, self.w_up_EDH, self.w_down_EFD, self.activation)
+
+    def expert(self, e: int, x_ND: Tensor) -> Tensor:
+        """Expert e applied to any rows (the per-expert reference)."""
+        return mlp(x_ND, self.w_up_EDH[e], self.w_down_EFD[e], self.activation)

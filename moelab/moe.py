@@ -1,0 +1,139 @@
+"""MoELayer: the one place that reads MoEConfig and wires router + dispatch + experts + balancing.
+
+B=sequences, S=positions, T=B*S tokens, D=d_model, E=routed experts, K=slots per token.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moelab import balance
+from moelab.balance import BalanceStats
+from moelab.config import MoEConfig
+from moelab.dispatch import LocalDispatcher, apply_capacity, capacity, experts_reference_forward
+from moelab.experts import Experts
+from moelab.routers import ROUTERS, RouteContext, Routing, mask_routing
+
+
+class MoEResult(NamedTuple):
+    """What one MoE layer returns."""
+    y: Tensor                     # output, same shape and dtype as the input
+    aux_loss: Tensor              # weighted sum of this layer's balance + z losses: add it to the LM loss
+    losses: dict[str, Tensor]     # each loss unweighted (keeps its graph), e.g. {"aux": ..., "z": ...}
+    stats: BalanceStats           # detached balance metrics for this step
+    routing: Routing              # the routing actually used (after padding mask and capacity drops)
+
+
+class MoELayer(nn.Module):
+    """Routed experts (+ optional shared experts) with dropless or capacity-limited dispatch."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=cfg.d_model ** -0.5)
+        self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.d_expert, cfg.activation)
+        self.shared = Experts(1, cfg.d_model, cfg.d_shared_total, cfg.activation) if cfg.n_shared else None
+        self.dispatcher = LocalDispatcher(cfg.n_experts)
+        # Loss-free balancing state: persistent so it survives save/load and exact resume.
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_experts), persistent=True)
+        self.register_buffer("expert_load", torch.zeros(cfg.n_experts), persistent=True)
+
+    def route(self, x_TD: Tensor, valid_T: Tensor | None, token_ids_T: Tensor | None) -> Routing:
+        """Router in fp32 whatever the model dtype; padding tokens go nowhere."""
+        cfg = self.cfg
+        x_r = x_TD.float()
+        if self.training and cfg.jitter_eps > 0:  # Switch Transformer input jitter
+            x_r = x_r * torch.empty_like(x_r).uniform_(1 - cfg.jitter_eps, 1 + cfg.jitter_eps)
+        logits_TE = F.linear(x_r, self.gate.weight.float())
+        bias_E = self.expert_bias if cfg.balance == "loss_free" else None
+        ctx = RouteContext(bias_E=bias_E, token_ids_T=token_ids_T, training=self.training)
+        return mask_routing(ROUTERS[cfg.router](logits_TE, cfg, ctx), valid_T)
+
+    def forward(self, x: Tensor, *, valid: Tensor | None = None, token_ids: Tensor | None = None) -> MoEResult:
+        """x: (..., D). valid: (...) bool, False for padding. token_ids: (...) long, for the hash router."""
+        cfg = self.cfg
+        if x.shape[-1] != cfg.d_model:
+            raise ValueError(f"MoELayer input last dim is {x.shape[-1]}, expected d_model={cfg.d_model}")
+        if valid is not None and valid.shape != x.shape[:-1]:
+            raise ValueError(f"valid mask shape {tuple(valid.shape)} must equal x.shape[:-1]={tuple(x.shape[:-1])}")
+        x_TD = x.reshape(-1, cfg.d_model)
+        valid_T = None if valid is None else valid.reshape(-1).bool()
+        token_ids_T = None if token_ids is None else token_ids.reshape(-1)
+        routing = self.route(x_TD, valid_T, token_ids_T)
+
+        counts_E = balance.expert_counts(expert_idx_TK=routing.expert_idx_TK, n_experts=cfg.n_experts)
+        n_dropped = torch.zeros((), dtype=torch.long)
+        if cfg.capacity_factor is not None:
+            n_real = x_TD.shape[0] if valid_T is None else int(valid_T.sum())
+            cap = capacity(cfg.capacity_factor, n_real, cfg.top_k, cfg.n_experts)
+            routing, n_dropped = apply_capacity(routing, cap, cfg.n_experts)
+
+        y_TD = self.experts_forward(x_TD, routing)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD, torch.tensor([x_TD.shape[0]]), cfg.expert_impl)
+
+        losses = self.losses(routing, valid_T, x.shape[:-1], counts_E)
+        aux = sum((self.loss_weight(name) * v for name, v in losses.items()), torch.zeros((), device=x.device))
+        if self.training and torch.is_grad_enabled() and cfg.balance == "loss_free":
+            with torch.no_grad():
+                self.expert_load += counts_E.to(self.expert_load.device)
+        n_tok = x_TD.shape[0] if valid_T is None else valid_T.sum()
+        stats = balance.balance_stats(counts_E=counts_E - self._dropped_per_expert(counts_E, routing),
+                                      n_dropped=n_dropped, n_tokens=n_tok)
+        return MoEResult(y_TD.reshape(x.shape), aux, losses, stats, routing)
+
+    def experts_forward(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        """Routed experts only: sort-based dispatch + grouped GEMM, or the per-expert loop reference."""
+        if self.cfg.expert_impl == "loop":
+            return experts_reference_forward(x_TD, routing, self.experts.expert, self.cfg.n_experts)
+        x_SD, counts_E, plan = self.dispatcher.dispatch(x_TD, routing)
+        return self.dispatcher.combine(self.experts(x_SD, counts_E, self.cfg.expert_impl), plan)
+
+    def _dropped_per_expert(self, counts_E: Tensor, routing: Routing) -> Tensor:
+        kept_E = balance.expert_counts(expert_idx_TK=routing.expert_idx_TK, n_experts=self.cfg.n_experts)
+        return counts_E - kept_E
+
+    def losses(self, routing: Routing, valid_T: Tensor | None, batch_shape, counts_E: Tensor) -> dict[str, Tensor]:
+        """Unweighted balance losses for this layer (computed per layer, never pooled across layers)."""
+        cfg = self.cfg
+        out: dict[str, Tensor] = {}
+        if cfg.balance in ("aux", "global") and cfg.aux_loss_coef > 0:
+            out["aux"] = balance.switch_aux_loss(probs_TE=routing.probs_TE, expert_idx_TK=routing.expert_idx_TK,
+                                                 n_experts=cfg.n_experts, valid_T=valid_T, counts_E=counts_E)
+        if cfg.balance == "seq" and cfg.aux_loss_coef > 0:
+            S = batch_shape[-1] if len(batch_shape) >= 1 else 1
+            probs_BSE = routing.probs_TE.reshape(-1, S, cfg.n_experts)
+            idx_BSK = routing.expert_idx_TK.reshape(probs_BSE.shape[0], S, -1)
+            valid_BS = None if valid_T is None else valid_T.reshape(-1, S)
+            out["seq_aux"] = balance.seq_aux_loss(probs_BSE=probs_BSE, expert_idx_BSK=idx_BSK,
+                                                  n_experts=cfg.n_experts, top_k=cfg.top_k, valid_BS=valid_BS)
+        if cfg.z_loss_coef > 0:
+            out["z"] = balance.z_loss(logits_TE=routing.logits_TE, valid_T=valid_T)
+        return out
+
+    def loss_weight(self, name: str) -> float:
+        return self.cfg.z_loss_coef if name == "z" else self.cfg.aux_loss_coef
+
+    @torch.no_grad()
+    def update_bias(self, load_E: Tensor | None = None) -> None:
+        """Loss-free balancing step (call after optimizer.step). `load_E` overrides the local counts,
+        e.g. counts all-reduced across ranks. Zeroes the counters."""
+        if self.cfg.balance != "loss_free":
+            return
+        load_E = self.expert_load if load_E is None else load_E
+        if load_E.sum() > 0:
+            self.expert_bias.copy_(balance.loss_free_bias_step(bias_E=self.expert_bias, load_E=load_E,
+                                                               rate=self.cfg.bias_update_rate))
+        self.expert_load.zero_()
+
+
+def update_loss_free_biases(model: nn.Module) -> None:
+    """Call after each optimizer step: updates every loss-free MoE layer's bias from its counts."""
+    for m in model.modules():
+        if isinstance(m, MoELayer):
+            m.update_bias()
+
