@@ -41,6 +41,8 @@ class MoELayer(nn.Module):
         # Loss-free balancing state: persistent so it survives save/load and exact resume.
         self.register_buffer("expert_bias", torch.zeros(cfg.n_experts), persistent=True)
         self.register_buffer("expert_load", torch.zeros(cfg.n_experts), persistent=True)
+        # Routing replay (moelab.trace.replay_moelab): Routing -> Routing with recorded experts/weights.
+        self.routing_override = None
 
     def route(self, x_TD: Tensor, valid_T: Tensor | None, token_ids_T: Tensor | None) -> Routing:
         """Router in fp32 whatever the model dtype; padding tokens go nowhere."""
@@ -51,7 +53,10 @@ class MoELayer(nn.Module):
         logits_TE = F.linear(x_r, self.gate.weight.float())
         bias_E = self.expert_bias if cfg.balance == "loss_free" else None
         ctx = RouteContext(bias_E=bias_E, token_ids_T=token_ids_T, training=self.training)
-        return mask_routing(ROUTERS[cfg.router](logits_TE, cfg, ctx), valid_T)
+        routing = ROUTERS[cfg.router](logits_TE, cfg, ctx)
+        if self.routing_override is not None:  # replay a recorded trace instead of the router
+            routing = self.routing_override(routing)
+        return mask_routing(routing, valid_T)
 
     def forward(self, x: Tensor, *, valid: Tensor | None = None, token_ids: Tensor | None = None) -> MoEResult:
         """x: (..., D). valid: (...) bool, False for padding. token_ids: (...) long, for the hash router."""

@@ -1,0 +1,206 @@
+"""transformers interop for traces: where each HF MoE family keeps its routing, hooks to record it and
+to replay a recorded routing instead of the router.
+
+T=tokens of one forward call (batch * seq, row-major), E=routed experts, K=experts per token.
+
+In transformers 5.x every sparse MoE block below calls its router/gate module, which returns
+`(logits_TE, weight_TK, expert_idx_TK)` (DBRX: just the logits), then `experts(x_TD, expert_idx_TK,
+weight_TK)`. So the chosen experts and weights are read (and replaced, for replay) at the experts
+call, and the raw logits at the router's output. The only per-family knowledge is the table below.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from moelab.trace import RoutingCursor
+
+
+@dataclass(frozen=True)
+class HFAdapter:
+    """Where one HF MoE block class keeps its routing."""
+    router: str                 # attribute of the block holding the router / gate module
+    logits_at: int | None = 0   # index of the raw logits in the router's output tuple; None = the output is the logits
+    experts: str = "experts"    # attribute of the experts module, called as experts(x_TD, expert_idx_TK, weight_TK)
+
+
+_GATE = HFAdapter(router="gate")
+_ROUTER = HFAdapter(router="router")
+
+HF_ADAPTERS: dict[str, HFAdapter] = {  # HF MoE block class name -> where its routing lives
+    "MixtralSparseMoeBlock": _GATE,
+    "Qwen2MoeSparseMoeBlock": _GATE,
+    "Qwen3MoeSparseMoeBlock": _GATE,
+    "Qwen3NextSparseMoeBlock": _GATE,
+    "Qwen3VLMoeTextSparseMoeBlock": _GATE,
+    "OlmoeSparseMoeBlock": _GATE,
+    "FlexOlmoSparseMoeBlock": _GATE,
+    "DeepseekV2Moe": _GATE,
+    "DeepseekV3MoE": _GATE,
+    "Glm4MoeMoE": _GATE,
+    "Dots1MoE": _GATE,
+    "Ernie4_5_MoeSparseMoeBlock": _GATE,
+    "HunYuanMoEV1Moe": _GATE,
+    "MiniMaxSparseMoeBlock": _GATE,
+    "MiniMaxM2SparseMoeBlock": _GATE,
+    "ExaoneMoeSparseMoEBlock": _GATE,
+    "Lfm2MoeSparseMoeBlock": _GATE,
+    "GptOssMLP": _ROUTER,
+    "GraniteMoeMoE": _ROUTER,
+    "GraniteMoeSharedMoE": _ROUTER,
+    "GraniteMoeHybridMoE": _ROUTER,
+    "PhimoeSparseMoeBlock": _ROUTER,
+    "JambaSparseMoeBlock": _ROUTER,
+    "AfmoeSparseMoeBlock": _ROUTER,
+    "DbrxFFN": HFAdapter(router="router", logits_at=None),
+}
+
+
+class HFBlock(NamedTuple):
+    name: str           # qualified module name inside the model
+    module: nn.Module   # the MoE block
+    adapter: HFAdapter  # where its routing lives
+
+
+def moe_blocks(model: nn.Module) -> list[HFBlock]:
+    """The model's MoE blocks in forward order (module registration order)."""
+    blocks = [HFBlock(n, m, HF_ADAPTERS[type(m).__name__]) for n, m in model.named_modules()
+              if type(m).__name__ in HF_ADAPTERS]
+    if not blocks:
+        raise ValueError(f"model {type(model).__name__} has no known MoE block: moelab.hf.HF_ADAPTERS knows "
+                         f"{', '.join(sorted(HF_ADAPTERS))}")
+    return blocks
+
+
+def n_experts_of(block: HFBlock) -> int:
+    """Routed experts E of a block, read from its router's output width."""
+    router = getattr(block.module, block.adapter.router)
+    for attr in ("num_experts", "n_routed_experts"):
+        if isinstance(getattr(router, attr, None), int):
+            return getattr(router, attr)
+    w = getattr(router, "weight", None)
+    if w is None and hasattr(router, "layer"):  # DBRX keeps an nn.Linear inside its router
+        w = router.layer.weight
+    if w is None:
+        raise ValueError(f"cannot read the number of experts of {type(block.module).__name__}")
+    return int(w.shape[0])
+
+
+def _split_call(args: tuple, kwargs: dict, where: str) -> tuple[Tensor, Tensor, Tensor]:
+    if len(args) < 3:
+        raise ValueError(f"{where}: expected experts(x_TD, expert_idx_TK, weight_TK) positionally, got "
+                         f"{len(args)} positional and keywords {sorted(kwargs)}")
+    return args[0], args[1], args[2]
+
+
+class LayerRouting(NamedTuple):
+    """One MoE block, one or more forward calls concatenated."""
+    expert_idx_TK: Tensor        # long, chosen experts
+    weight_TK: Tensor            # fp32 combine weights
+    logits_TE: Tensor | None     # fp32 raw router logits (None if not recorded)
+
+
+class HFRecorder:
+    """Context manager: records every MoE block's routing on each forward call.
+
+    with HFRecorder(model) as rec: model(ids); layers = rec.take()  # list (one per block) of LayerRouting
+    """
+
+    def __init__(self, model: nn.Module, *, logits: bool = True):
+        self.blocks = moe_blocks(model)
+        self.logits = logits
+        self._idx: list[list[Tensor]] = [[] for _ in self.blocks]
+        self._w: list[list[Tensor]] = [[] for _ in self.blocks]
+        self._lg: list[list[Tensor]] = [[] for _ in self.blocks]
+        self._handles: list = []
+
+    def __enter__(self) -> "HFRecorder":
+        for layer, b in enumerate(self.blocks):
+            experts = getattr(b.module, b.adapter.experts)
+            self._handles.append(experts.register_forward_pre_hook(self._on_experts(layer), with_kwargs=True))
+            if self.logits:
+                router = getattr(b.module, b.adapter.router)
+                self._handles.append(router.register_forward_hook(self._on_router(layer)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _on_experts(self, layer: int):
+        def hook(mod, args, kwargs):
+            _, idx_TK, w_TK = _split_call(args, kwargs, self.blocks[layer].name)
+            self._idx[layer].append(idx_TK.detach().reshape(-1, idx_TK.shape[-1]).long().cpu())
+            self._w[layer].append(w_TK.detach().reshape(-1, w_TK.shape[-1]).float().cpu())
+        return hook
+
+    def _on_router(self, layer: int):
+        at = self.blocks[layer].adapter.logits_at
+
+        def hook(mod, args, out):
+            lg = out if at is None else out[at]
+            self._lg[layer].append(lg.detach().reshape(-1, lg.shape[-1]).float().cpu())
+        return hook
+
+    def take(self) -> list[LayerRouting]:
+        """Everything recorded since the last take, one LayerRouting per block; clears the buffers."""
+        out = []
+        for layer in range(len(self.blocks)):
+            if not self._idx[layer]:
+                raise ValueError(f"MoE block {self.blocks[layer].name} was not called: nothing recorded")
+            lg = torch.cat(self._lg[layer]) if self._lg[layer] else None
+            out.append(LayerRouting(torch.cat(self._idx[layer]), torch.cat(self._w[layer]), lg))
+            self._idx[layer], self._w[layer], self._lg[layer] = [], [], []
+        return out
+
+
+class HFReplay:
+    """Context manager: every MoE block uses the recorded experts and weights instead of its router's.
+
+    `cursors[l]` hands out layer l's recorded rows in the order tokens reach the block, so a trace made
+    over several forward calls replays over the same calls. The router still runs (its logits, e.g.
+    for aux losses, are the model's own); only the experts call sees the recorded routing.
+    """
+
+    def __init__(self, model: nn.Module, cursors: list[RoutingCursor]):
+        self.blocks = moe_blocks(model)
+        if len(cursors) != len(self.blocks):
+            raise ValueError(f"trace has {len(cursors)} MoE layers, the model has {len(self.blocks)} MoE blocks")
+        self.cursors = cursors
+        self._handles: list = []
+
+    def __enter__(self) -> "HFReplay":
+        for layer, b in enumerate(self.blocks):
+            experts = getattr(b.module, b.adapter.experts)
+            self._handles.append(experts.register_forward_pre_hook(self._on_experts(layer), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _on_experts(self, layer: int):
+        def hook(mod, args, kwargs):
+            x_TD, idx_TK, w_TK = _split_call(args, kwargs, self.blocks[layer].name)
+            T = idx_TK.reshape(-1, idx_TK.shape[-1]).shape[0]
+            new_idx_TK, new_w_TK = self.cursors[layer].next(T, k=idx_TK.shape[-1], where=self.blocks[layer].name)
+            new_idx_TK = new_idx_TK.to(device=idx_TK.device, dtype=idx_TK.dtype).reshape(idx_TK.shape)
+            new_w_TK = new_w_TK.to(device=w_TK.device, dtype=w_TK.dtype).reshape(w_TK.shape)
+            return (x_TD, new_idx_TK, new_w_TK, *args[3:]), kwargs
+        return hook
+
+
+def load_hf_causal_lm(path_or_name: str, dtype: str = "float32"):
+    """A local (or cached) transformers causal LM and its tokenizer; never downloads (local_files_only)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype={dtype!r} is invalid: allowed {', '.join(dtypes)}")
+    model = AutoModelForCausalLM.from_pretrained(path_or_name, dtype=dtypes[dtype], local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(path_or_name, local_files_only=True)
+    return model.eval(), tok
