@@ -1,0 +1,159 @@
+"""Trace file format (versioned, validated) and tracing/replay through moelab MoELayers."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from moelab.config import MoEConfig
+from moelab.moe import MoELayer
+from moelab.trace import (TRACE_VERSION, Trace, load_trace, record_moelab, replay_moelab, trace_moelab,
+                          windows)
+
+
+class TinyLM(nn.Module):
+    """Embedding + 2 residual MoE layers + head: enough to trace and replay without moelab.model."""
+
+    def __init__(self, cfg: MoEConfig, vocab: int = 256):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, cfg.d_model)
+        self.layers = nn.ModuleList([MoELayer(cfg), MoELayer(cfg)])
+        self.head = nn.Linear(cfg.d_model, vocab)
+
+    def forward(self, ids_BS):
+        h = self.emb(ids_BS)
+        for layer in self.layers:
+            h = h + layer(h).y
+        return self.head(h)
+
+
+CFGS = [MoEConfig(d_model=16, d_expert=32, n_experts=6, top_k=2),
+        MoEConfig(d_model=16, d_expert=32, n_experts=8, top_k=3, router="sigmoid_group", n_group=2, topk_group=1,
+                  n_shared=1, routed_scaling_factor=2.5, expert_impl="loop")]
+
+
+def _docs():
+    return [("code", list(b"def f(x):\n    return x + 1\n" * 3)), ("prose", list(b"The cat sat on the mat. " * 4))]
+
+
+@pytest.mark.parametrize("cfg", CFGS, ids=["topk", "sigmoid_group"])
+def test_trace_moelab_matches_layer_routing_and_replay_is_exact(cfg, tmp_path):
+    torch.manual_seed(0)
+    model = TinyLM(cfg).eval()
+    domains, wins = windows(_docs(), seq_len=16, max_tokens=96)
+    tr = trace_moelab(model, wins, domains, batch_size=2)
+    assert tr.n_layers == 2 and tr.top_k == cfg.top_k and tr.n_experts == cfg.n_experts
+    assert tr.n_tokens == 16 * len(wins) and set(tr.domain_N.tolist()) == {0, 1}
+    # independent: run each window alone, recompute the router by hand for layer 0 (top-k of its logits)
+    ids = torch.tensor(wins[0][1])[None]
+    with torch.no_grad():
+        x0 = model.emb(ids).reshape(-1, cfg.d_model)
+        logits_TE = x0 @ model.layers[0].gate.weight.T
+    assert np.allclose(tr.logits_LNE[0, :16], logits_TE.numpy(), atol=5e-3)  # float16 storage
+    if cfg.router == "topk":
+        want = torch.topk(logits_TE, cfg.top_k, dim=-1).indices.sort(-1).values.numpy()
+        assert np.array_equal(np.sort(tr.expert_idx_LNK[0, :16], -1), want)
+    # round trip through the file, then replay: same outputs exactly
+    tr2 = load_trace(tr.save(tmp_path / "t.npz"))
+    all_ids = torch.tensor(np.stack([w for _, w in wins]))
+
+    def run():  # the same batches as the trace (batching changes GEMM rounding, not routing)
+        return torch.cat([model(all_ids[b: b + 2]) for b in range(0, len(wins), 2)])
+    with torch.no_grad():
+        ref = run()
+        with replay_moelab(model, tr2):
+            again = run()
+    assert torch.equal(again, ref)
+    # replaying another model's trace changes the outputs (same tokens, different routes)
+    torch.manual_seed(1)
+    other = trace_moelab(TinyLM(cfg).eval(), wins, domains)
+    assert not np.array_equal(other.expert_idx_LNK, tr.expert_idx_LNK)
+    with torch.no_grad(), replay_moelab(model, other):
+        changed = run()
+    assert not torch.allclose(changed, ref)
+    assert all(m.routing_override is None for m in model.layers)  # replay is undone
+
+
+def test_replay_errors_are_clear():
+    torch.manual_seed(0)
+    model = TinyLM(CFGS[0]).eval()
+    domains, wins = windows(_docs(), seq_len=8, max_tokens=16)
+    tr = trace_moelab(model, wins, domains)
+    ids = torch.tensor(np.stack([w for _, w in wins]))
+    with torch.no_grad(), replay_moelab(model, tr):
+        model(ids)
+        with pytest.raises(ValueError, match="replay the same inputs"):
+            model(ids)  # the trace is used up
+    one = torch.nn.Sequential(MoELayer(CFGS[0]))
+    with pytest.raises(ValueError, match="MoE layers"):
+        with replay_moelab(one, tr):
+            pass
+
+
+def test_record_gives_the_routing_the_layer_used():
+    torch.manual_seed(0)
+    layer = MoELayer(CFGS[0]).eval()
+    x = torch.randn(5, 16)
+    with torch.no_grad(), record_moelab(layer) as rec:
+        r = layer(x)
+    assert torch.equal(rec[0][0].expert_idx_TK, r.routing.expert_idx_TK)
+
+
+def _arrays(tr: Trace):
+    return dict(version=np.array(TRACE_VERSION), expert_idx_LNK=tr.expert_idx_LNK, weight_LNK=tr.weight_LNK,
+                token_ids_N=tr.token_ids_N, seq_ids_N=tr.seq_ids_N, positions_N=tr.positions_N,
+                domain_N=tr.domain_N, domains=np.array(tr.domains), meta=np.array(json.dumps({"n_experts": 4})))
+
+
+def _small():
+    return Trace(expert_idx_LNK=np.array([[[0, 1], [2, 3], [1, -1]]], np.int16),
+                 weight_LNK=np.full((1, 3, 2), 0.5, np.float32), token_ids_N=np.array([104, 105, 33]),
+                 seq_ids_N=np.zeros(3, np.int32), positions_N=np.arange(3), domain_N=np.zeros(3, np.int16),
+                 domains=("x",), n_experts=4)
+
+
+def test_file_roundtrip_without_logits(tmp_path):
+    tr = _small()
+    back = load_trace(tr.save(tmp_path / "a.npz"))
+    assert back.logits_LNE is None and back.domains == ("x",) and back.n_experts == 4
+    assert np.array_equal(back.expert_idx_LNK, tr.expert_idx_LNK) and back.token_text(104) == "h"
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(version=np.array(99)), "version=99"),
+    (dict(expert_idx_LNK=np.array([[[0, 9], [2, 3], [1, -1]]], np.int16)), "expert_idx_LNK has values"),
+    (dict(token_ids_N=np.arange(2)), "token_ids_N shape"),
+    (dict(weight_LNK=np.zeros((1, 3, 3), np.float32)), "weight_LNK shape"),
+    (dict(domain_N=np.array([0, 0, 1], np.int16)), "domain_N indexes"),
+])
+def test_load_rejects_bad_files(tmp_path, change, match):
+    p = tmp_path / "bad.npz"
+    np.savez(p, **{**_arrays(_small()), **change})
+    with pytest.raises(ValueError, match=match):
+        load_trace(p)
+
+
+def test_load_rejects_missing_fields_and_non_npz(tmp_path):
+    p = tmp_path / "m.npz"
+    a = _arrays(_small())
+    del a["seq_ids_N"]
+    np.savez(p, **a)
+    with pytest.raises(ValueError, match="seq_ids_N"):
+        load_trace(p)
+    q = tmp_path / "x.npz"
+    q.write_text("hello")
+    with pytest.raises(ValueError, match="not a readable"):
+        load_trace(q)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_trace(tmp_path / "nope.npz")
+
+
+def test_windows_round_robin_and_errors():
+    domains, wins = windows([("b", list(range(10))), ("a", list(range(100, 130)))], seq_len=5, max_tokens=20)
+    assert domains == ["a", "b"]
+    assert [d for d, _ in wins] == [1, 0, 1, 0]  # alternate between documents
+    with pytest.raises(ValueError, match="seq_len"):
+        windows([("a", [1, 2])], seq_len=1, max_tokens=10)
+    with pytest.raises(ValueError, match="no document"):
+        windows([("a", [1, 2])], seq_len=5, max_tokens=10)
