@@ -40,6 +40,20 @@ class MoEConfig:
     z_loss_coef: float = 0.0          # weight of the router z-loss (ST-MoE); 0 = off
     bias_update_rate: float = 1e-3    # loss_free: u in b_i += u * sign(mean_load - load_i)
     expert_impl: str = "grouped"      # grouped (sort + grouped GEMM) | loop (per-expert reference)
+    ec_capacity_factor: float = 2.0   # expert_choice: each expert takes C = ceil(T * this / E) tokens
+    ec_eval: str = "topk"             # expert_choice outside training: topk (causal fallback) | expert_choice
+    top_p: float = 0.4                # top_p: keep the smallest set of experts whose probability sum >= top_p
+    top_p_entropy_coef: float = 1e-4  # top_p: weight of the routing-entropy loss
+    n_null: int = 0                   # AdaMoE null experts: extra router outputs that compute nothing
+    n_zero: int = 0                   # MoE++ zero experts: output 0
+    n_copy: int = 0                   # MoE++ copy experts: output x
+    n_const: int = 0                  # MoE++ constant experts: a1*x + a2*v, [a1, a2] = softmax(x W_c), learned v
+    special_tau: float = 1.0          # aux weight of null/zero/copy/const routes (MoE++ tau); 1 = plain Switch over all
+    gating_residual: bool = False     # MoE++ gating residual: logits += W_g(previous layer's logits)
+    relu_l1_init: float = 1e-8        # relu (ReMoE): initial coefficient lambda_0 of the L1 gate penalty
+    relu_l1_rate: float = 1.2         # relu: lambda *= rate (or /= rate) each training step toward sparsity 1-k/E
+    sinkhorn_iters: int = 8           # base: Sinkhorn iterations of the balanced assignment (training only)
+    router_seed: int = 0              # hash / random: seed of the fixed hash
 
     def __post_init__(self) -> None:
         for f in ("d_model", "d_expert", "n_experts", "top_k", "n_group", "topk_group"):
@@ -48,7 +62,10 @@ class MoEConfig:
         _need(isinstance(self.n_shared, int) and self.n_shared >= 0, "n_shared", self.n_shared, "an integer >= 0")
         _need(self.d_shared is None or (isinstance(self.d_shared, int) and self.d_shared >= 1),
               "d_shared", self.d_shared, "None or an integer >= 1")
-        _need(self.top_k <= self.n_experts, "top_k", self.top_k, f"1..n_experts={self.n_experts}")
+        for f in ("n_null", "n_zero", "n_copy", "n_const", "router_seed"):
+            _need(isinstance(getattr(self, f), int) and getattr(self, f) >= 0, f, getattr(self, f), "an integer >= 0")
+        _need(self.top_k <= self.n_experts + self.n_special, "top_k", self.top_k,
+              f"1..n_experts + special experts = {self.n_experts + self.n_special}")
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("score_order", self.score_order, SCORE_ORDERS)
         _choice("balance", self.balance, BALANCES)
@@ -70,6 +87,35 @@ class MoEConfig:
               self.capacity_factor, "None (dropless) or > 0")
         for f in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             _need(getattr(self, f) >= 0, f, getattr(self, f), ">= 0")
+        self._check_extra_routers()
+
+    def _check_extra_routers(self) -> None:
+        """Fields of the routers of issue 4 (expert_choice, top_p, relu, hash, base, random, special experts)."""
+        _choice("ec_eval", self.ec_eval, ("topk", "expert_choice"))
+        _need(self.ec_capacity_factor > 0, "ec_capacity_factor", self.ec_capacity_factor, "> 0")
+        _need(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "0 < top_p <= 1")
+        for f in ("top_p_entropy_coef", "relu_l1_init", "special_tau"):
+            _need(getattr(self, f) >= 0, f, getattr(self, f), ">= 0")
+        _need(self.relu_l1_rate > 1.0, "relu_l1_rate", self.relu_l1_rate, "> 1")
+        _need(isinstance(self.sinkhorn_iters, int) and self.sinkhorn_iters >= 1, "sinkhorn_iters",
+              self.sinkhorn_iters, "an integer >= 1")
+        if self.router == "adamoe":
+            _need(self.n_null >= 1, "n_null", self.n_null, ">= 1 with router='adamoe' (its null experts)")
+        if self.router == "moepp":
+            _need(self.n_zero + self.n_copy + self.n_const >= 1, "n_zero", self.n_zero,
+                  "n_zero + n_copy + n_const >= 1 with router='moepp' (its zero-computation experts)")
+        if self.n_special:
+            _need(self.balance in ("aux", "loss_free", "none"), "balance", self.balance,
+                  "aux, loss_free or none when null/zero/copy/const experts are used")
+            _need(self.n_group == 1, "n_group", self.n_group, "1 when null/zero/copy/const experts are used")
+        if self.balance == "loss_free":
+            _need(self.router in ("topk", "sigmoid_group", "expert_choice", "top_p"), "balance", self.balance,
+                  "not loss_free with router relu/hash/base/random (they do not select by biased score)")
+
+    @property
+    def n_special(self) -> int:
+        """Null + zero + copy + constant experts: extra router outputs after the E routed experts."""
+        return self.n_null + self.n_zero + self.n_copy + self.n_const
 
     @property
     def d_shared_total(self) -> int:

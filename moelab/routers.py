@@ -6,6 +6,7 @@ Every router receives fp32 logits and returns a Routing; slot expert -1 means "n
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -29,6 +30,7 @@ class RouteContext:
     bias_E: Tensor | None = None        # loss-free balancing bias, selection only
     token_ids_T: Tensor | None = None   # token ids (hash router)
     training: bool = False              # some routers behave differently in training
+    valid_T: Tensor | None = None       # bool, False = padding (expert_choice / base leave it out)
 
 
 RouterFn = Callable[[Tensor, MoEConfig, RouteContext], Routing]
@@ -74,9 +76,141 @@ def route_sigmoid_group(logits_TE: Tensor, cfg: MoEConfig, ctx: RouteContext) ->
     return Routing(idx_TK, w_TK * cfg.routed_scaling_factor, logits_TE, probs_TE)
 
 
+# ---- issue 4: routers with a variable or fixed-by-rule number of experts per token -------------------
+# N = router outputs = E routed experts + null/zero/copy/const experts (moelab.special_experts).
+# Variable-count routers return K=N slots, -1 where a slot is unused.
+
+def _slots_from_mask(keep_TN: Tensor, w_TN: Tensor) -> tuple[Tensor, Tensor]:
+    """(T, N) keep mask + weights -> K=N slots: slot n holds expert n or -1, weight 0 where unused."""
+    ar_TN = torch.arange(keep_TN.shape[1], device=keep_TN.device).expand_as(keep_TN)
+    return torch.where(keep_TN, ar_TN, -1), torch.where(keep_TN, w_TN, 0.0)
+
+
+def route_expert_choice(logits_TE: Tensor, cfg: MoEConfig, ctx: RouteContext) -> Routing:
+    """Expert choice (Zhou et al. 2022, arXiv 2202.09368) sec. 3: each expert takes its top-C tokens by
+    token-to-expert softmax score, C = ceil(T * ec_capacity_factor / E); a token gets 0..E experts.
+    Not causal: a token's experts depend on the other tokens of the batch, so outside training it falls
+    back to top-k (cfg.ec_eval="topk", the usual fix for autoregressive decoding)."""
+    if not ctx.training and cfg.ec_eval == "topk":
+        return route_topk(logits_TE, cfg, ctx)
+    T, N = logits_TE.shape
+    probs_TE = torch.softmax(logits_TE, dim=-1)
+    choice_TE = _biased(probs_TE, ctx)
+    if ctx.valid_T is not None:  # padding is never chosen (and mask_routing clears it if C > real tokens)
+        choice_TE = choice_TE.masked_fill(~ctx.valid_T.reshape(-1, 1), float("-inf"))
+    C = min(T, math.ceil(T * cfg.ec_capacity_factor / N))
+    keep_TE = torch.zeros_like(probs_TE, dtype=torch.bool)
+    if C > 0:
+        keep_TE.scatter_(0, torch.topk(choice_TE, C, dim=0).indices, True)
+    idx_TK, w_TK = _slots_from_mask(keep_TE, probs_TE)
+    return Routing(idx_TK, w_TK * cfg.routed_scaling_factor, logits_TE, probs_TE)
+
+
+def route_top_p(logits_TE: Tensor, cfg: MoEConfig, ctx: RouteContext) -> Routing:
+    """Top-p dynamic routing (Huang et al. 2024, "Harder Tasks Need More Experts", arXiv 2403.07652) sec. 3:
+    experts sorted by probability, keep the smallest prefix whose cumulative probability >= top_p;
+    weights are the probabilities, not renormalised. The entropy loss is in special_experts.router_losses."""
+    probs_TE = torch.softmax(logits_TE, dim=-1)
+    order_TN = torch.argsort(_biased(probs_TE, ctx), dim=-1, descending=True, stable=True)
+    p_sorted_TN = probs_TE.gather(1, order_TN)
+    before_TN = p_sorted_TN.detach().cumsum(-1) - p_sorted_TN.detach()  # mass strictly before each expert
+    keep_TN = before_TN < cfg.top_p
+    keep_TN[:, 0] = True
+    idx_TK = torch.where(keep_TN, order_TN, -1)
+    w_TK = torch.where(keep_TN, p_sorted_TN, 0.0)
+    return Routing(idx_TK, w_TK * cfg.routed_scaling_factor, logits_TE, probs_TE)
+
+
+def route_relu(logits_TE: Tensor, cfg: MoEConfig, ctx: RouteContext) -> Routing:
+    """ReMoE (Wang et al. 2024, arXiv 2412.14711) sec. 3: gates = ReLU(x W), no top-k; an expert is used
+    where its gate is > 0. Sparsity comes from the adaptive L1 loss (special_experts.relu_l1_loss)."""
+    gates_TE = torch.relu(logits_TE)
+    idx_TK, w_TK = _slots_from_mask(gates_TE > 0, gates_TE)
+    return Routing(idx_TK, w_TK * cfg.routed_scaling_factor, logits_TE, torch.softmax(logits_TE, dim=-1))
+
+
+_P31 = 2147483647  # 2^31 - 1: every product below stays < 2^62, so int64 never overflows
+
+
+def fixed_hash(x: Tensor, seed: int) -> Tensor:
+    """A fixed integer hash of non-negative int64 values into [0, 2^31-1): two Lehmer rounds with xor-shift."""
+    h = (x.long() % _P31 + seed * 1000003 + 12345) % _P31
+    for a, b in ((48271, 11), (69621, 7)):
+        h = (h * a + b) % _P31
+        h = h ^ (h >> 13)
+    return h
+
+
+def route_hash(logits_TE: Tensor, cfg: MoEConfig, ctx: RouteContext) -> Routing:
+    """Hash layers (Roller et al. 2021, arXiv 2106.04426) sec. 3: expert = fixed random hash of the token id,
+    weight 1. The gate is not used to route (its softmax still feeds the balance losses)."""
+    if ctx.token_ids_T is None:
+        raise ValueError("router='hash' needs token ids: call MoELayer(x, token_ids=...) with x.shape[:-1] ids")
+    ids_T = ctx.token_ids_T.reshape(-1).to(logits_TE.device)
+    if ids_T.numel() != logits_TE.shape[0]:
+        raise ValueError(f"router='hash': token_ids has {ids_T.numel()} entries, expected one per token "
+                         f"({logits_TE.shape[0]})")
+    idx_T1 = (fixed_hash(ids_T, cfg.router_seed) % logits_TE.shape[1]).unsqueeze(1)
+    w_T1 = torch.full(idx_T1.shape, cfg.routed_scaling_factor, dtype=logits_TE.dtype, device=logits_TE.device)
+    return Routing(idx_T1, w_T1, logits_TE, torch.softmax(logits_TE, dim=-1))
+
+
+def route_random(logits_TE: Tensor, cfg: MoEConfig, ctx: RouteContext) -> Routing:
+    """Random routing, the control of Roller et al. 2021 / Zuo et al. 2022 (THOR): top_k distinct experts from
+    a fixed-seed hash of (flat token position, token id if given, expert), weights 1/k. Same inputs and
+    seed -> same routing; independent of x and of the global RNG."""
+    T, N = logits_TE.shape
+    key_T = fixed_hash(torch.arange(T, device=logits_TE.device), cfg.router_seed)
+    if ctx.token_ids_T is not None:
+        key_T = fixed_hash(key_T ^ fixed_hash(ctx.token_ids_T.reshape(-1).to(key_T.device), cfg.router_seed + 1),
+                           cfg.router_seed)
+    score_TN = fixed_hash(key_T[:, None] * N + torch.arange(N, device=key_T.device), cfg.router_seed)
+    idx_TK = torch.topk(score_TN, cfg.top_k, dim=-1).indices
+    w_TK = torch.full(idx_TK.shape, cfg.routed_scaling_factor / cfg.top_k, dtype=logits_TE.dtype,
+                      device=logits_TE.device)
+    return Routing(idx_TK, w_TK, logits_TE, torch.softmax(logits_TE, dim=-1))
+
+
+@torch.no_grad()
+def sinkhorn_plan(logits_TE: Tensor, n_iters: int) -> Tensor:
+    """S-BASE (Clark et al. 2022, arXiv 2202.01169, sec. 2.3): Sinkhorn approximation of the balanced linear
+    assignment of BASE layers. Returns the log transport plan: rows sum to 1, columns to T/E."""
+    T, E = logits_TE.shape
+    log_P = logits_TE.float()
+    for _ in range(n_iters):
+        log_P = log_P - torch.logsumexp(log_P, dim=1, keepdim=True)
+        log_P = log_P - torch.logsumexp(log_P, dim=0, keepdim=True) + math.log(T / E)
+    return log_P
+
+
+def route_base(logits_TE: Tensor, cfg: MoEConfig, ctx: RouteContext) -> Routing:
+    """BASE layers (Lewis et al. 2021, arXiv 2103.16716) sec. 2 with the S-BASE Sinkhorn assignment: in
+    training each token goes to argmax of the balanced plan, at inference greedy top-1; one expert per
+    token (top_k is ignored), weight sigmoid(logit of the chosen expert)."""
+    idx_T = logits_TE.argmax(-1)
+    if ctx.training:
+        rows_R = torch.arange(logits_TE.shape[0], device=logits_TE.device)
+        if ctx.valid_T is not None:
+            rows_R = rows_R[ctx.valid_T.reshape(-1)]
+        if rows_R.numel() > 0:
+            idx_T = idx_T.clone()
+            idx_T[rows_R] = sinkhorn_plan(logits_TE[rows_R], cfg.sinkhorn_iters).argmax(-1)
+    idx_T1 = idx_T.unsqueeze(1)
+    w_T1 = torch.sigmoid(logits_TE.gather(1, idx_T1))
+    return Routing(idx_T1, w_T1 * cfg.routed_scaling_factor, logits_TE, torch.softmax(logits_TE, dim=-1))
+
+
 ROUTERS: dict[str, RouterFn] = {
     "topk": route_topk,
     "sigmoid_group": route_sigmoid_group,
+    "expert_choice": route_expert_choice,
+    "top_p": route_top_p,
+    "relu": route_relu,
+    "hash": route_hash,
+    "random": route_random,
+    "base": route_base,
+    "adamoe": route_topk,   # AdaMoE (arXiv 2406.13233): top-k over E true + n_null null experts
+    "moepp": route_topk,    # MoE++ (arXiv 2410.07348): top-k over E FFN + zero/copy/const experts
 }
 
 
