@@ -1,0 +1,166 @@
+"""Trainer: schedule, exact resume, safetensors checkpoints, NaN stop, distributed hooks."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moelab.config import MoEConfig
+from moelab.data import build_corpus
+from moelab.model import ModelConfig
+from moelab.train import (NonFiniteError, Trainer, TrainConfig, list_checkpoints, load_model, lr_at,
+                          optimizer_from_tensors, optimizer_to_tensors)
+
+
+def tiny_model(balance="aux") -> ModelConfig:
+    moe = MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2, balance=balance, bias_update_rate=1e-2,
+                    z_loss_coef=1e-3)
+    return ModelConfig(moe=moe, d_model=32, n_layers=2, n_heads=2, d_dense=32, max_seq_len=32)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    for dom, text in {"alpha": "the quick brown fox jumps over the lazy dog. ",
+                      "digits": "3.14159 2.71828 1.41421 1.73205 "}.items():
+        (root / dom).mkdir()
+        for i in range(6):
+            (root / dom / f"{i}.txt").write_text(text * (8 + i))
+    return build_corpus([str(root / "alpha"), str(root / "digits")], val_fraction=0.3)
+
+
+def train_cfg(**kw) -> TrainConfig:
+    base = dict(steps=6, batch_size=4, seq_len=16, warmup=2, lr=1e-2, log_every=100, eval_every=0,
+                ckpt_every=0, eval_batches=1, keep_last=2)
+    return TrainConfig(**{**base, **kw})
+
+
+def train_losses(run: Path) -> list[float]:
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = train_cfg(steps=110, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("balance,accum", [("aux", 1), ("loss_free", 2)])
+def test_exact_resume_2n_equals_n_plus_n(tmp_path, corpus, balance, accum):
+    cfg = train_cfg(grad_accum=accum)
+    straight = Trainer(tiny_model(balance), cfg, tmp_path / "a", corpus=corpus, verbose=False)
+    straight.fit()
+    first = Trainer(tiny_model(balance), cfg, tmp_path / "b", corpus=corpus, verbose=False)
+    first.fit(stop_at=3)
+    assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["step_00000003"]
+    resumed = Trainer(tiny_model(balance), cfg, tmp_path / "b", corpus=corpus, verbose=False)
+    resumed.fit(resume=True)
+    la, lb = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert len(la) == 6 and la == lb  # identical floats, not approximately equal
+    assert len(set(la)) > 1
+    sa, sb = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    if balance == "loss_free":
+        assert any(v.abs().sum() > 0 for k, v in sb.items() if k.endswith("expert_bias"))
+
+
+def test_checkpoints_are_safetensors_atomic_and_pruned(tmp_path, corpus):
+    tr = Trainer(tiny_model(), train_cfg(ckpt_every=1, keep_last=2), tmp_path / "r", corpus=corpus, verbose=False)
+    tr.fit()
+    ck = tmp_path / "r" / "ckpt"
+    assert sorted(p.name for p in ck.iterdir()) == ["step_00000005", "step_00000006"]  # no temp folders left
+    last = ck / "step_00000006"
+    assert sorted(p.name for p in last.iterdir()) == ["model.safetensors", "state.json", "trainer.safetensors"]
+    weights = load_file(str(last / "model.safetensors"))
+    assert all(torch.equal(weights[k], v) for k, v in tr.model.state_dict().items())
+    meta = json.loads((last / "state.json").read_text())
+    assert meta["step"] == 6 and meta["domains"] == corpus.domains
+    model, _ = load_model(tmp_path / "r")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in tr.model.state_dict().items())
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        Trainer(tiny_model(), train_cfg(), tmp_path / "r", corpus=corpus, verbose=False).fit()
+
+
+def test_optimizer_state_roundtrip(corpus, tmp_path):
+    tr = Trainer(tiny_model(), train_cfg(), tmp_path, corpus=corpus, verbose=False)
+    tr.train_step()
+    tensors, meta = optimizer_to_tensors(tr.opt)
+    back = optimizer_from_tensors(tensors, json.loads(json.dumps(meta)))
+    sd = tr.opt.state_dict()
+    assert set(back["state"]) == set(sd["state"])
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            assert torch.equal(back["state"][pid][k], v)
+
+
+def _poison(module, at_call: int, counter: list):
+    """Forward hook: from the at_call-th training forward on, the module outputs NaN."""
+    def hook(m, args, out):
+        if not m.training:
+            return out
+        counter[0] += 1
+        if counter[0] >= at_call:
+            return (out[0] * float("nan"),) + tuple(out[1:]) if isinstance(out, tuple) else out * float("nan")
+        return out
+    return module.register_forward_hook(hook)
+
+
+def test_nan_in_router_logits_stops_naming_step_and_layer(tmp_path, corpus):
+    tr = Trainer(tiny_model(), train_cfg(ckpt_every=2), tmp_path / "n", corpus=corpus, verbose=False)
+    _poison(tr.model.blocks[1].attn, at_call=4, counter=[0])  # layer 1 router sees NaN at step 4
+    with pytest.raises(NonFiniteError, match=r"router logits at step 4 in layer 1.*last good checkpoint"):
+        tr.fit()
+    ckpts = list_checkpoints(tmp_path / "n")
+    assert ckpts[-1].name == "step_00000003"
+    good = load_file(str(ckpts[-1] / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in good.values())
+    err = [json.loads(ln) for ln in (tmp_path / "n" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert err["kind"] == "error" and err["step"] == 4
+
+
+def test_nan_after_last_router_names_the_block(tmp_path, corpus):
+    tr = Trainer(tiny_model(), train_cfg(), tmp_path / "m", corpus=corpus, verbose=False)
+    _poison(tr.model.blocks[1], at_call=2, counter=[0])  # block output NaN: router fine, loss NaN
+    with pytest.raises(NonFiniteError, match=r"non-finite loss at step 2.*layer 1"):
+        tr.fit()
+    assert list_checkpoints(tmp_path / "m")[-1].name == "step_00000001"
+
+
+def test_grad_sync_and_reduce_metrics_hooks(tmp_path, corpus):
+    calls = {"sync": 0, "reduce": 0}
+
+    def grad_sync(model):
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        calls["sync"] += 1
+
+    def reduce_metrics(t):  # pretend two identical ranks: sums double, means stay
+        calls["reduce"] += 1
+        return t * 2
+
+    tr = Trainer(tiny_model(), train_cfg(), tmp_path, corpus=corpus, verbose=False,
+                 grad_sync=grad_sync, reduce_metrics=reduce_metrics)
+    ref = Trainer(tiny_model(), train_cfg(), tmp_path / "ref", corpus=corpus, verbose=False)
+    r1, r2 = tr.train_step(), ref.train_step()
+    assert calls == {"sync": 1, "reduce": 1}
+    assert r1["loss"] == pytest.approx(r2["loss"]) and r1["max_vio"] == pytest.approx(r2["max_vio"])
+
+
+def test_train_metrics_and_eval(tmp_path, corpus):
+    tr = Trainer(tiny_model(), train_cfg(), tmp_path, corpus=corpus, verbose=False)
+    rec = tr.train_step()
+    assert set(rec) >= {"loss", "aux_loss", "tok_per_s", "max_vio", "load", "aux/aux", "aux/z", "lr"}
+    assert len(rec["load"]) == 2 and all(sum(l) == pytest.approx(1.0, abs=1e-4) for l in rec["load"])
+    ev = tr.evaluate()
+    assert set(ev["val_loss"]) == set(corpus.domains)
+    for d, v in ev["val_loss"].items():
+        assert ev["val_bpb"][d] == pytest.approx(v / math.log(2))
+    # expert counts per (layer, domain): top-2 slots for every real validation token
+    for layer, rows in ev["expert_by_domain"].items():
+        for d, row in zip(corpus.domains, rows):
+            n_tok = sum(int(b.valid_BS.sum()) for b in corpus.val_batches(d, 4, 16, 1))
+            assert sum(row) == 2 * n_tok
