@@ -182,3 +182,10 @@ def write_report(trace: Trace, out: str | Path, top_layer: int | None = None) ->
 def analyze_file(trace_path: str | Path, out: str | Path) -> Path:
     """`moelab analyze`: load + validate a trace, write the report."""
     return write_report(load_trace(trace_path), out)
+
+
+def cli_analyze(*, trace: str, out: str) -> int:
+    """`moelab analyze`: writes the report and prints where it is."""
+    path = analyze_file(trace, out)
+    print(f"report: {path} ({len(list(Path(out).glob('*.png')))} plots)")
+    return 0

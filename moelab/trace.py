@@ -288,12 +288,58 @@ def trace_hf(model: nn.Module, wins: list, domains: list[str], *, batch_size: in
                        vocab, {"source": "transformers", "model_class": type(model).__name__, **(meta or {})}, logits)
 
 
-def read_text_docs(paths: Iterable[str]) -> list[tuple[str, str]]:
-    """(domain, text) per file; the domain label is the file name without extension."""
-    docs = []
-    for p in paths:
-        p = Path(p)
-        if not p.is_file():
-            raise ValueError(f"--data file {str(p)!r} does not exist")
-        docs.append((p.stem, p.read_text(encoding="utf-8", errors="replace")))
-    return docs
+def trace_run(run: str | Path, data: list[str] | None = None, *, seq_len: int = 128, max_tokens: int = 16384,
+              batch_size: int = 8, logits: bool = True) -> Trace:
+    """`moelab trace RUN`: the run's latest checkpoint over validation windows of each domain of `data`
+    (None = the built-in corpus), never over text it trained on."""
+    from moelab.data import build_corpus
+    from moelab.model import BOS_ID, EOS_ID, PAD_ID
+    from moelab.train import load_model
+    model, state = load_model(run)
+    seq_len = min(seq_len, model.cfg.max_seq_len)
+    corpus = build_corpus(data or None)
+    docs = [(d, corpus.val[d].long().tolist()) for d in corpus.domains]
+    domains, wins = windows(docs, seq_len, max_tokens)
+    tr = trace_moelab(model, wins, domains, batch_size=batch_size, logits=logits,
+                      meta={"run": str(run), "step": state.get("step", -1), "seq_len": seq_len})
+    return Trace(**{**tr.__dict__, "vocab": {PAD_ID: "<pad>", BOS_ID: "<bos>", EOS_ID: "<eos>"}})
+
+
+def trace_hf_path(path_or_name: str, data: list[str] | None = None, *, seq_len: int = 128,
+                  max_tokens: int = 16384, batch_size: int = 4, logits: bool = True, dtype: str = "float32") -> Trace:
+    """`moelab trace --hf PATH`: a local transformers MoE model over `data` text (None = the built-in corpus),
+    domains as moelab.data labels them; each domain is tokenized only up to its share of max_tokens."""
+    from moelab.data import builtin_documents, user_documents
+    from moelab.hf import load_hf_causal_lm
+    model, tok = load_hf_causal_lm(path_or_name, dtype)
+    docs = builtin_documents() if not data or data == ["builtin"] else user_documents(data)
+    domains = sorted({d.domain for d in docs})
+    want = max_tokens // max(len(domains), 1) + seq_len
+    token_docs = []
+    for dom in domains:
+        ids: list[int] = []
+        for d in (d for d in docs if d.domain == dom):
+            if len(ids) >= want:
+                break
+            ids += tok(d.data.decode("utf-8", errors="replace"), add_special_tokens=False)["input_ids"][: want]
+        token_docs.append((dom, ids))
+    doms, wins = windows(token_docs, seq_len, max_tokens)
+    return trace_hf(model, wins, doms, batch_size=batch_size, logits=logits, decode=lambda t: tok.decode([t]),
+                    meta={"model": str(path_or_name), "seq_len": seq_len})
+
+
+def cli_trace(*, run: str | None, hf: str | None, data: list[str] | None, out: str, seq_len: int, max_tokens: int,
+              logits: bool, dtype: str) -> int:
+    """`moelab trace`: exactly one of RUN / --hf; writes the .npz and prints a one-line summary."""
+    if (run is None) == (hf is None):
+        raise ValueError("give exactly one of RUN (a moelab run folder) or --hf PATH_OR_NAME")
+    if max_tokens < seq_len:
+        raise ValueError(f"--max-tokens={max_tokens} is invalid: allowed >= --seq-len={seq_len}")
+    if run is not None:
+        tr = trace_run(run, data, seq_len=seq_len, max_tokens=max_tokens, logits=logits)
+    else:
+        tr = trace_hf_path(hf, data, seq_len=seq_len, max_tokens=max_tokens, logits=logits, dtype=dtype)
+    path = tr.save(out)
+    print(f"traced {tr.n_tokens} tokens x {tr.n_layers} MoE layers (E={tr.n_experts}, k={tr.top_k}, domains "
+          f"{', '.join(tr.domains)}) -> {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    return 0

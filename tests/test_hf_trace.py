@@ -125,3 +125,39 @@ def test_trace_hf_file_roundtrip_and_batches(tmp_path):
 def test_unknown_model_lists_supported_blocks():
     with pytest.raises(ValueError, match="MixtralSparseMoeBlock"):
         moe_blocks(torch.nn.Linear(2, 2))
+
+
+def _save_tiny_hf(path, family="olmoe"):
+    """A tiny model + a byte-level BPE tokenizer trained here, saved like a downloaded model folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(["def f(x): return x", "the cat sat on the mat"] * 4,
+                           trainers.BpeTrainer(vocab_size=V + 256, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tk).save_pretrained(path)
+    model = tiny_model(family)
+    model.resize_token_embeddings(tk.get_vocab_size())
+    model.save_pretrained(path)
+    return model
+
+
+def test_cli_trace_hf_local_folder(tmp_path):
+    from moelab.cli import main
+    from moelab.hf import load_hf_causal_lm
+    _save_tiny_hf(tmp_path / "m")
+    for dom, text in (("code", "def f(x):\n    return x + 1\n"), ("prose", "the cat sat on the mat. ")):
+        (tmp_path / dom).mkdir()
+        (tmp_path / dom / "a.txt").write_text(text * 20)
+    out = tmp_path / "t.npz"
+    assert main(["trace", "--hf", str(tmp_path / "m"), "--data", str(tmp_path / "code"), str(tmp_path / "prose"),
+                 "--out", str(out), "--seq-len", "8", "--max-tokens", "32"]) == 0
+    tr = load_trace(out)
+    assert tr.domains == ("code", "prose") and tr.n_tokens == 32 and tr.n_layers == 2
+    model, tok = load_hf_causal_lm(str(tmp_path / "m"))
+    assert "".join(tr.token_text(t) for t in tr.token_ids_N[:8]) == tok.decode(tr.token_ids_N[:8].tolist())
+    with torch.no_grad(), HFRecorder(model) as rec:  # the reloaded model routes the first window the same way
+        model(input_ids=torch.as_tensor(tr.token_ids_N[:8]).long()[None], use_cache=False)
+        first = rec.take()
+    assert np.array_equal(tr.expert_idx_LNK[:, :8], np.stack([r.expert_idx_TK.numpy() for r in first]))

@@ -157,3 +157,37 @@ def test_windows_round_robin_and_errors():
         windows([("a", [1, 2])], seq_len=1, max_tokens=10)
     with pytest.raises(ValueError, match="no document"):
         windows([("a", [1, 2])], seq_len=5, max_tokens=10)
+
+
+def _user_data(root):
+    for dom, text in (("code", "def f(x):\n    return x * 2\n"), ("prose", "The cat sat on the mat, then slept.\n")):
+        for i in range(2):
+            (root / dom).mkdir(parents=True, exist_ok=True)
+            (root / dom / f"{dom}{i}.txt").write_text(text * (8 + i))
+    return [str(root / "code"), str(root / "prose")]
+
+
+def test_cli_trace_run_then_analyze(tmp_path, capsys):
+    from moelab.cli import main
+    from moelab.model import ModelConfig
+    from moelab.train import TrainConfig, Trainer, load_model
+    data = _user_data(tmp_path / "data")
+    mcfg = ModelConfig(moe=MoEConfig(d_model=16, d_expert=16, n_experts=4, top_k=2), d_model=16, n_layers=2,
+                       n_heads=2, d_dense=16, max_seq_len=32)
+    Trainer(mcfg, TrainConfig(steps=1, batch_size=2, seq_len=16, data=tuple(data)), tmp_path / "run",
+            verbose=False).save_checkpoint()
+    out = tmp_path / "t.npz"
+    assert main(["trace", str(tmp_path / "run"), "--data", *data, "--out", str(out), "--seq-len", "16",
+                 "--max-tokens", "64"]) == 0
+    tr = load_trace(out)
+    assert tr.n_layers == 2 and tr.n_tokens == 64 and tr.domains == ("code", "prose")
+    # the traced routing is what the checkpointed model does on those windows
+    model, _ = load_model(tmp_path / "run")
+    ids = torch.as_tensor(tr.token_ids_N[:16]).long()[None]
+    with torch.no_grad():
+        res = model(ids).moe
+    assert np.array_equal(tr.expert_idx_LNK[:, :16], np.stack([r.routing.expert_idx_TK.numpy() for r in res.values()]))
+    assert main(["analyze", str(out), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "index.html").is_file() and "report:" in capsys.readouterr().out
+    assert main(["trace", "--out", str(out)]) == 2  # neither RUN nor --hf: clear error, no traceback
+    assert "exactly one of RUN" in capsys.readouterr().err
