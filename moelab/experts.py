@@ -62,6 +62,8 @@ def grouped_mm_available(x_SD: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor) -> 
         return False
     D, H = w_up_EDH.shape[1:]
     S = x_SD.shape[0]
+    if S == 0 or w_up_EDH.shape[0] == 0:  # no rows (e.g. an EP rank that receives nothing): the loop handles it
+        return False
     return _aligned(D, H, w_down_EFD.shape[1], S, itemsize=x_SD.element_size())
 
 

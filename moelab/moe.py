@@ -47,7 +47,8 @@ class MoELayer(nn.Module):
         nn.init.normal_(self.gate.weight, std=cfg.d_model ** -0.5)
         self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.d_expert, cfg.activation)
         self.shared = Experts(1, cfg.d_model, cfg.d_shared_total, cfg.activation) if cfg.n_shared else None
-        self.dispatcher = LocalDispatcher(cfg.n_experts)
+        self.dispatcher = LocalDispatcher(cfg.n_experts)  # parallel.shard_moe_layer swaps in an EPDispatcher
+        self.global_counts = None  # balance="global": local -> global-batch counts, see parallel.py
         # Loss-free balancing state: persistent so it survives save/load and exact resume.
         self.register_buffer("expert_bias", torch.zeros(cfg.n_experts), persistent=True)
         self.register_buffer("expert_load", torch.zeros(cfg.n_experts), persistent=True)
@@ -123,7 +124,7 @@ class MoELayer(nn.Module):
 
     def experts_forward(self, x_TD: Tensor, routing: Routing) -> Tensor:
         """Routed experts only: sort-based dispatch + grouped GEMM, or the per-expert loop reference."""
-        if self.cfg.expert_impl == "loop":
+        if self.cfg.expert_impl == "loop" and isinstance(self.dispatcher, LocalDispatcher):
             return experts_reference_forward(x_TD, routing, self.experts.expert, self.cfg.n_experts)
         x_SD, counts_E, plan = self.dispatcher.dispatch(x_TD, routing)
         return self.dispatcher.combine(self.experts(x_SD, counts_E, self.cfg.expert_impl), plan)
@@ -136,6 +137,8 @@ class MoELayer(nn.Module):
         """Unweighted balance losses for this layer (computed per layer, never pooled across layers)."""
         cfg = self.cfg
         out: dict[str, Tensor] = {}
+        if cfg.balance == "global" and self.global_counts is not None and self.training and torch.is_grad_enabled():
+            counts_E = self.global_counts(counts_E)  # summed over DP ranks and micro-batches (parallel.py)
         if cfg.balance in ("aux", "global") and cfg.aux_loss_coef > 0:
             out["aux"] = balance.switch_aux_loss(probs_TE=routing.probs_TE, expert_idx_TK=routing.expert_idx_TK,
                                                  n_experts=cfg.n_experts, valid_T=valid_T, counts_E=counts_E)

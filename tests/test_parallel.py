@@ -1,0 +1,242 @@
+"""Expert parallelism on real gloo processes, compared with the single-process layer on the concatenated batch.
+
+Each spawned function runs several checks on one process group (spawning is the slow part).
+Every rank builds the same full layer (same seed) and the same global batch; rank r feeds its slice to
+the EP layer and also runs the plain single-process layer on the whole batch as the reference.
+"""
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist import run_distributed
+
+from moelab.config import MoEConfig
+from moelab.moe import MoELayer
+from moelab.parallel import (
+    EPDispatcher,
+    Placement,
+    enable_global_balance,
+    expert_parameters,
+    reset_global_balance,
+    shard_moe_layer,
+    sync_grads,
+    update_loss_free_biases_global,
+)
+
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def _cfg(**kw) -> MoEConfig:
+    base = {"d_model": 16, "d_expert": 8, "n_experts": 8, "top_k": 2, "n_shared": 1,
+            "balance": "global", "z_loss_coef": 1e-2,
+                "aux_loss_coef": 1e-1}
+    return MoEConfig(**{**base, **kw})
+
+
+def _pair(cfg: MoEConfig, placement, seed: int = 0):
+    """(reference full layer, EP layer with the same weights)."""
+    torch.manual_seed(seed)
+    ref = MoELayer(cfg)
+    ep = shard_moe_layer(copy.deepcopy(ref), placement)
+    enable_global_balance(ep)
+    return ref, ep
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's gradient; zeros when it has none (a rank that holds no expert)."""
+    return torch.zeros_like(p) if p.grad is None else p.grad
+
+
+def _all_equal(t: torch.Tensor) -> bool:
+    """True when `t` is bitwise identical on every rank."""
+    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, t.contiguous())
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def _sum_all(x: float) -> float:
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t)
+
+
+def _check_layer(rank, world, cfg, placement, sizes, loss_kind):
+    """EP forward/backward vs the single-process layer on the concatenated batch (1e-5).
+
+    loss_kind="mean": each rank's loss is its local mean (+ aux + z), the global loss is their mean,
+    and sync_grads averages -- the data-parallel convention. "sum": rank losses add up to the global
+    sum-loss (used when ranks hold different numbers of tokens)."""
+    ref, ep = _pair(cfg, placement)
+    T = sum(sizes)
+    g = torch.Generator().manual_seed(1)
+    x_TD = torch.randn(T, cfg.d_model, generator=g)
+    w_TD = torch.randn(T, cfg.d_model, generator=g)
+    lo = sum(sizes[:rank])
+    sl = slice(lo, lo + sizes[rank])
+
+    xr = x_TD.clone().requires_grad_(True)
+    out_ref = ref(xr)
+    if loss_kind == "mean":
+        loss_ref = (out_ref.y * w_TD).sum(-1).mean() + out_ref.aux_loss
+    else:
+        loss_ref = (out_ref.y * w_TD).sum() / T
+    loss_ref.backward()
+
+    xe = x_TD[sl].clone().requires_grad_(True)
+    out_ep = ep(xe)
+    if loss_kind == "mean":
+        loss_ep = (out_ep.y * w_TD[sl]).sum(-1).mean() + out_ep.aux_loss
+    else:
+        loss_ep = (out_ep.y * w_TD[sl]).sum() / T * world
+    loss_ep.backward()
+    raw_expert_grad = _grad(ep.experts.w_up_EDH).clone()
+    sync_grads(ep)
+
+    torch.testing.assert_close(out_ep.y, out_ref.y[sl], **TOL)
+    # the global loss is the mean of the rank losses (balance="global": f all-reduced, P local)
+    assert abs(_sum_all(loss_ep.item()) / world - loss_ref.item()) < 1e-5
+    if loss_kind == "mean" and "aux" in out_ref.losses:
+        assert abs(_sum_all(out_ep.losses["aux"].item()) / world - out_ref.losses["aux"].item()) < 1e-6
+    torch.testing.assert_close(xe.grad / world, xr.grad[sl], **TOL)
+    ids = list(ep.dispatcher.local_experts)
+    torch.testing.assert_close(_grad(ep.experts.w_up_EDH), ref.experts.w_up_EDH.grad[ids], **TOL)
+    torch.testing.assert_close(_grad(ep.experts.w_down_EFD), ref.experts.w_down_EFD.grad[ids], **TOL)
+    if ids and float(raw_expert_grad.abs().max()) > 0 and world > 1:  # the bug sync_grads guards against
+        assert not torch.allclose(raw_expert_grad, ref.experts.w_up_EDH.grad[ids], **TOL)
+    for (n, p_ep), (_, p_ref) in zip(ep.named_parameters(), ref.named_parameters()):
+        if not n.startswith("experts."):
+            torch.testing.assert_close(p_ep.grad, p_ref.grad, **TOL, msg=n)
+            assert _all_equal(p_ep.grad), n
+    # communication accounting vs an independent count from the routing
+    idx = out_ep.routing.expert_idx_TK
+    dest = torch.tensor(placement if not isinstance(placement, Placement) else placement.rank_E)
+    to_W = torch.bincount(dest[idx[idx >= 0]], minlength=world).double()
+    to_W[rank] = 0  # rows for this rank's own experts never leave it
+    sent = int(to_W.sum())
+    dist.all_reduce(to_W)
+    recv = int(to_W[rank])
+    comm = ep.dispatcher.last_comm
+    assert (comm.tokens_sent, comm.tokens_recv) == (sent, recv)
+    n_local = len(ep.dispatcher.local_experts)  # dispatch sends `sent` rows, combine returns `recv` rows
+    assert comm.bytes_sent == 8 * (cfg.n_experts - n_local) + (sent + recv) * cfg.d_model * 4
+    assert comm.bytes_recv == 8 * n_local * (world - 1) + (sent + recv) * cfg.d_model * 4
+    return len(ids)
+
+
+def _train_steps(rank, world, cfg, placement, n_steps=3, T=8):
+    """A few AdamW steps of EP+DP vs one process on the concatenated batch: all weights equal (1e-5),
+    replicated weights bitwise identical across ranks, loss-free biases identical."""
+    ref, ep = _pair(cfg, placement, seed=3)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    opt_ep = torch.optim.AdamW(ep.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(n_steps):
+        x_TD = torch.randn(world * T, cfg.d_model, generator=g)
+        w_TD = torch.randn(world * T, cfg.d_model, generator=g)
+        sl = slice(rank * T, (rank + 1) * T)
+        for layer, opt, x, w in ((ref, opt_ref, x_TD, w_TD), (ep, opt_ep, x_TD[sl], w_TD[sl])):
+            opt.zero_grad()
+            out = layer(x)
+            ((out.y * w).sum(-1).mean() + out.aux_loss).backward()
+            if layer is ep:
+                sync_grads(ep)
+                opt.step()
+                update_loss_free_biases_global(ep)
+                reset_global_balance(ep)
+            else:
+                opt.step()
+                layer.update_bias()
+    ids = list(ep.dispatcher.local_experts)
+    for (n, p_ep), (_, p_ref) in zip(ep.named_parameters(), ref.named_parameters()):
+        want = p_ref[ids] if n.startswith("experts.") else p_ref
+        torch.testing.assert_close(p_ep, want, **TOL, msg=n)
+        if not n.startswith("experts."):
+            assert _all_equal(p_ep.detach()), f"{n} drifted apart across ranks"
+    assert _all_equal(ep.expert_bias)
+    torch.testing.assert_close(ep.expert_bias, ref.expert_bias, **TOL)
+    if cfg.balance == "loss_free":
+        assert float(ep.expert_bias.abs().sum()) > 0  # the bias did move
+
+
+def _check_zero_recv(rank, world, placement):
+    cfg = _cfg(balance="loss_free", n_shared=0)
+    ref, ep = _pair(cfg, placement)
+    starved = list(placement.experts_of(world - 1))
+    for layer in (ref, ep):
+        layer.expert_bias[starved] = -100.0
+    x_TD = torch.randn(4 * world, cfg.d_model, generator=torch.Generator().manual_seed(2))
+    sl = slice(rank * 4, rank * 4 + 4)
+    xr, xe = x_TD.clone().requires_grad_(True), x_TD[sl].clone().requires_grad_(True)
+    y_ref = ref(xr).y
+    (y_ref.sum() / world).backward()
+    out = ep(xe)
+    out.y.sum().backward()
+    sync_grads(ep)
+    to_starved = _sum_all(float(sum((out.routing.expert_idx_TK == e).sum() for e in starved)))
+    assert to_starved == 0  # the scenario really happens: the last rank receives no row
+    if rank == world - 1:
+        assert ep.dispatcher.last_comm.tokens_recv == 0
+        assert float(_grad(ep.experts.w_up_EDH).abs().sum()) == 0
+    torch.testing.assert_close(out.y, y_ref[sl], **TOL)
+    torch.testing.assert_close(xe.grad / world, xr.grad[sl], **TOL)
+    torch.testing.assert_close(ep.gate.weight.grad, ref.gate.weight.grad, **TOL)
+
+
+def _uneven_placement(world: int, E: int) -> list[int]:
+    """A scrambled map with uneven counts per rank; with 4 ranks one rank holds no expert at all."""
+    if world == 2:
+        return [1, 0, 1, 1, 0, 1, 1, 1][:E]
+    return [3, 3, 0, 1, 3, 1, 1, 3][:E]  # rank 2 holds none
+
+
+def _worker(rank, world):
+    counts = {}
+    E = 8
+    # 1. contiguous placement, global-batch LBL + z-loss, shared expert, mean loss (DP convention)
+    counts["contiguous"] = _check_layer(rank, world, _cfg(), Placement.contiguous(E, world), [6] * world, "mean")
+    # 2. uneven scrambled placement, Mixtral ordering, top-1, gelu
+    cfg = _cfg(top_k=1, activation="gelu", score_order="topk_softmax", n_shared=0)
+    counts["uneven"] = _check_layer(rank, world, cfg, _uneven_placement(world, E), [5] * world, "mean")
+    # 3. a rank with zero tokens (rank 0) and ranks with different token counts
+    sizes = [0] + [7 + r for r in range(1, world)]
+    _check_layer(rank, world, _cfg(balance="none"), Placement.contiguous(E, world), sizes, "sum")
+    # 4. a rank that receives zero rows: the bias keeps every token off the last rank's experts
+    _check_zero_recv(rank, world, Placement.contiguous(E, world))
+    # 5. a few optimizer steps: no drift, loss-free biases from all-reduced loads, global LBL training
+    _train_steps(rank, world, _cfg(balance="loss_free", bias_update_rate=1e-2), None)
+    _train_steps(rank, world, _cfg(), _uneven_placement(world, E))
+    # 6. a wrong world size raises before any collective (a collective here would hang rank 0 alone)
+    if rank == 0:
+        with pytest.raises(ValueError, match="world_size"):
+            EPDispatcher(E, Placement.contiguous(E, world + 1))
+        with pytest.raises(ValueError, match="n_experts"):
+            shard_moe_layer(MoELayer(_cfg()), list(range(world)) * (E // world - 1))
+    dist.barrier()
+    return {**counts, "n_expert_params": sum(p.numel() for p in expert_parameters(_pair(_cfg(), None)[1]))}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ep_layer_matches_single_process(world):
+    res = run_distributed(_worker, world, timeout_s=120)
+    E = 8
+    assert sum(r["contiguous"] for r in res) == E
+    assert sum(r["uneven"] for r in res) == E
+    assert [r["uneven"] for r in res] == [_uneven_placement(world, E).count(k) for k in range(world)]
+    full = MoELayer(_cfg())
+    per_expert = (full.experts.w_up_EDH.numel() + full.experts.w_down_EFD.numel()) // E
+    assert sum(r["n_expert_params"] for r in res) == E * per_expert  # each expert on exactly one rank
+
+
+def test_placement_errors_before_any_collective():
+    with pytest.raises(ValueError, match=r"misses experts \[3\]"):
+        Placement.from_map({0: 0, 1: 1, 2: 0}, n_experts=4, world_size=2)
+    with pytest.raises(ValueError, match="n_experts=4"):
+        Placement.from_map([0, 1, 0], n_experts=4, world_size=2)
+    with pytest.raises(ValueError, match="outside 0..1"):
+        Placement.from_map([0, 1, 2, 0], n_experts=4, world_size=2)
+    with pytest.raises(ValueError, match="init_distributed"):  # no process group: refuse, do not hang
+        EPDispatcher(4, Placement.contiguous(4, 2))
+    assert Placement.contiguous(8, 2).rank_E == (0, 0, 0, 0, 1, 1, 1, 1)
+    assert Placement.contiguous(7, 3).n_local() == [3, 2, 2]
+    assert Placement.from_map({0: 1, 1: 0, 2: 1}, n_experts=3, world_size=2).order() == [1, 0, 2]
