@@ -109,8 +109,9 @@ class MoEConfig:
                   "aux, loss_free or none when null/zero/copy/const experts are used")
             _need(self.n_group == 1, "n_group", self.n_group, "1 when null/zero/copy/const experts are used")
         if self.balance == "loss_free":
-            _need(self.router in ("topk", "sigmoid_group", "expert_choice", "top_p"), "balance", self.balance,
-                  "not loss_free with router relu/hash/base/random (they do not select by biased score)")
+            _need(self.router in ("topk", "sigmoid_group", "top_p", "adamoe", "moepp"), "balance", self.balance,
+                  "not loss_free with router expert_choice/relu/hash/base/random (a per-expert bias does not "
+                  "change what they select)")
 
     @property
     def n_special(self) -> int:

@@ -329,6 +329,20 @@ def test_balance_with_variable_slots_and_padding():
     assert float(out2.losses["aux"]) == pytest.approx(float(out.losses["aux"]))
 
 
+def test_seq_balance_with_variable_slots():
+    """DeepSeek-V3 sequence-wise loss with top_p's -1 slots: per sequence sum_i f_i P_i,
+    f_i = E/(k S) * count_i, averaged over sequences, worked out with plain loops."""
+    cfg = cfg_(router="top_p", top_p=0.5, balance="seq")
+    out = MoELayer(cfg)(torch.randn(3, 5, 8))
+    idx, probs = out.routing.expert_idx_TK.view(3, 5, -1), out.routing.probs_TE.detach().view(3, 5, 4)
+    want = 0.0
+    for b in range(3):
+        for e in range(4):
+            f = 4 / (2 * 5) * int((idx[b] == e).sum())
+            want += f * float(probs[b, :, e].mean()) / 3
+    assert float(out.losses["seq_aux"]) == pytest.approx(want, rel=1e-5)
+
+
 def test_loss_free_bias_with_null_experts_counts_real_only():
     cfg = cfg_(router="topk", n_null=2, balance="loss_free")
     layer = MoELayer(cfg).train()
@@ -349,6 +363,7 @@ def test_loss_free_bias_with_null_experts_counts_real_only():
     (dict(router="moepp"), "n_zero"),
     (dict(n_null=1, balance="seq"), "balance"),
     (dict(router="relu", balance="loss_free"), "balance"),
+    (dict(router="expert_choice", balance="loss_free"), "balance"),
     (dict(relu_l1_rate=1.0), "relu_l1_rate"),
     (dict(sinkhorn_iters=0), "sinkhorn_iters"),
     (dict(router="nope"), "router"),
