@@ -22,7 +22,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moelab.dispatch import DispatchPlan, permute, sort_plan, unpermute
-from moelab.experts import Experts
 from moelab.routers import Routing
 
 BACKENDS = ("gloo", "nccl")
@@ -237,23 +236,21 @@ def _moe_layers(model: nn.Module) -> list[nn.Module]:
 
 def shard_moe_layer(layer: nn.Module, placement: Placement | Sequence[int] | dict | None = None,
                     group=None) -> nn.Module:
-    """Turn a full MoELayer into its EP version in place: keep only this rank's experts' weights
-    (copied from the full layer, in ascending global id) and dispatch over all-to-all."""
+    """Turn a full MoELayer into its EP version in place: keep only this rank's experts' weights (ascending
+    global id) and dispatch over all-to-all. The expert Parameters stay the same objects (their data is
+    sliced), so an optimizer built before sharding -- and before its first step -- still holds them."""
     E = layer.cfg.n_experts
-    _rank, world = _world(group)
+    _, world = _world(group)
     placement = (Placement.contiguous(E, world) if placement is None
                  else Placement.from_map(placement, n_experts=E, world_size=world))
     dispatcher = EPDispatcher(E, placement, group)
-    full = layer.experts
-    if full.n_experts != E:
-        raise ValueError(f"layer.experts has {full.n_experts} experts, expected the full n_experts={E} "
+    experts = layer.experts
+    if experts.n_experts != E or is_sharded(layer):
+        raise ValueError(f"layer.experts has {experts.n_experts} experts, expected the full n_experts={E} "
                          f"(is this layer sharded already?)")
-    ids = torch.tensor(dispatcher.local_experts, dtype=torch.long)
-    local = Experts(len(ids), full.w_up_EDH.shape[1], full.w_down_EFD.shape[1], full.activation)
-    with torch.no_grad():
-        local.w_up_EDH.data = full.w_up_EDH.detach()[ids.to(full.w_up_EDH.device)].clone()
-        local.w_down_EFD.data = full.w_down_EFD.detach()[ids.to(full.w_down_EFD.device)].clone()
-    layer.experts, layer.dispatcher = local, dispatcher
+    for p in (experts.w_up_EDH, experts.w_down_EFD):
+        p.data = p.data[torch.tensor(dispatcher.local_experts, dtype=torch.long, device=p.device)].clone()
+    layer.dispatcher = dispatcher
     return layer
 
 
