@@ -89,8 +89,10 @@ def param_count(cfg: ModelConfig) -> ParamCount:
     """Parameter count predicted from the config alone (no module is built)."""
     D, m = cfg.d_model, cfg.moe
     per_expert = _mlp_params(D, m.d_expert, m.activation)
-    moe = m.n_experts * D + m.n_experts * per_expert + (_mlp_params(D, m.d_shared_total, m.activation)
-                                                        if m.n_shared else 0)
+    n_routes = m.n_experts + m.n_special  # routed + null/zero/copy/const router outputs
+    moe = n_routes * D + m.n_experts * per_expert + (_mlp_params(D, m.d_shared_total, m.activation)
+                                                     if m.n_shared else 0)
+    moe += m.n_const * 3 * D + (n_routes * n_routes if m.gating_residual else 0)  # const experts, MoE++ W_g
     dense = _mlp_params(D, cfg.d_dense, "swiglu")
     attn = 4 * D * D + 2 * D  # q, k, v, o + two RMSNorm gains
     n_moe = len(cfg.moe_layers)
@@ -155,11 +157,11 @@ class Block(nn.Module):
         self.ffn = MoELayer(cfg.moe) if moe else Experts(1, cfg.d_model, cfg.d_dense, "swiglu")
 
     def forward(self, x_BSD: Tensor, cos_SDh: Tensor, sin_SDh: Tensor, *, valid_BS: Tensor | None,
-                token_ids_BS: Tensor) -> tuple[Tensor, MoEResult | None]:
+                token_ids_BS: Tensor, prev_logits: Tensor | None = None) -> tuple[Tensor, MoEResult | None]:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SDh, sin_SDh)
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoELayer):
-            res = self.ffn(h_BSD, valid=valid_BS, token_ids=token_ids_BS)
+            res = self.ffn(h_BSD, valid=valid_BS, token_ids=token_ids_BS, prev_logits=prev_logits)
             return x_BSD + res.y, res
         h_TD = h_BSD.reshape(-1, h_BSD.shape[-1])
         y_TD = self.ffn(h_TD, torch.tensor([h_TD.shape[0]]), "loop")
@@ -205,10 +207,11 @@ class MoELM(nn.Module):
         cos, sin = self.rope_cos[:S].to(self.tok_emb.weight.dtype), self.rope_sin[:S].to(self.tok_emb.weight.dtype)
         x_BSD = self.tok_emb(idx_BS)
         moe: dict[int, MoEResult] = {}
+        prev_logits = None  # the previous MoE layer's router logits (MoE++ gating residual, when enabled)
         for i, block in enumerate(self.blocks):
-            x_BSD, res = block(x_BSD, cos, sin, valid_BS=valid_BS, token_ids_BS=idx_BS)
+            x_BSD, res = block(x_BSD, cos, sin, valid_BS=valid_BS, token_ids_BS=idx_BS, prev_logits=prev_logits)
             if res is not None:
-                moe[i] = res
+                moe[i], prev_logits = res, res.routing.logits_TE
         x_BSD = self.norm(x_BSD)
         w_VD = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         aux = sum((r.aux_loss for r in moe.values()), torch.zeros((), device=idx_BS.device))

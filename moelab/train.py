@@ -386,3 +386,66 @@ def evaluate(model: MoELM, corpus: Corpus, cfg: TrainConfig) -> dict:
     model.train(was)
     return {"val_loss": val_loss, "val_bpb": {d: v / math.log(2) for d, v in val_loss.items()},
             "expert_by_domain": {str(i): counts_LDE[j].tolist() for j, i in enumerate(layers)}}
+
+
+# ---------------------------------------------------------------- CLI entry points (cli.py parses, these run)
+
+def val_table(summary: dict):
+    """Rich table: validation loss / bits per byte per domain next to the unigram baseline."""
+    from rich.table import Table
+    t = Table(title=f"validation at step {summary['step']} (nats per byte; bpb = bits per byte)")
+    for col in ("domain", "val loss", "val bpb", "unigram loss", "model / unigram"):
+        t.add_column(col, justify="right")
+    for d, v in summary["val_loss"].items():
+        u = summary["unigram_loss"][d]
+        t.add_row(d, f"{v:.3f}", f"{summary['val_bpb'][d]:.3f}", f"{u:.3f}", f"{v / u:.2f}")
+    return t
+
+
+def cli_train(*, preset: str, out: str, resume: bool, threads: int | None, moe_changes: dict,
+              train_changes: dict) -> int:
+    """`moelab train`: preset + MoE overrides (router, balance, ...) + TrainConfig overrides."""
+    from moelab.presets import get_preset
+    if threads:
+        torch.set_num_threads(threads)
+    model_cfg = get_preset(preset, **moe_changes)
+    changes = {k: v for k, v in train_changes.items() if v is not None}
+    if "data" in changes:
+        changes["data"] = tuple(changes["data"])
+    if resume and (Path(out) / "config.json").exists():  # resume with the run's own configs
+        saved = json.loads((Path(out) / "config.json").read_text())
+        model_cfg = ModelConfig.from_dict(saved["model_config"])
+        cfg = TrainConfig(**{**saved["train_config"], "data": tuple(saved["train_config"]["data"]),
+                             "steps": changes.get("steps", saved["train_config"]["steps"])})
+    else:
+        cfg = TrainConfig(**changes)
+    summary = Trainer(model_cfg, cfg, out).fit(resume=resume)
+    Console().print(val_table(summary))
+    Console().print(f"run folder: {out} (metrics.jsonl, summary.json, ckpt/); plots: moelab plot {out}")
+    return 0
+
+
+def cli_eval(*, run: str, ckpt: str | None, batches: int | None, threads: int | None) -> int:
+    """`moelab eval RUN`: validation loss per domain of the latest (or given) checkpoint vs unigram."""
+    if threads:
+        torch.set_num_threads(threads)
+    model, meta = load_model(run, ckpt)
+    tc = meta["train_config"]
+    cfg = TrainConfig(**{**tc, "data": tuple(tc["data"]), **({"eval_batches": batches} if batches else {})})
+    corpus = build_corpus(list(cfg.data), val_fraction=cfg.val_fraction)
+    ev = evaluate(model, corpus, cfg)
+    summary = {"step": meta["step"], **ev, "unigram_loss": {d: corpus.unigram_loss(d) for d in corpus.domains}}
+    Console().print(val_table(summary))
+    return 0
+
+
+def cli_generate(*, run: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
+                 seed: int) -> int:
+    """`moelab generate RUN --prompt ...`: sample bytes from the latest checkpoint and print them."""
+    from moelab.model import BOS_ID, generate
+    model, _ = load_model(run)
+    ids = torch.tensor([BOS_ID] + list(prompt.encode("utf-8")))
+    out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                   generator=torch.Generator().manual_seed(seed))
+    print(prompt + bytes(out.tolist()).decode("utf-8", errors="replace"))
+    return 0

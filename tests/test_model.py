@@ -21,6 +21,8 @@ CONFIGS = {
     "deepseek_style": small_cfg(first_dense=1, moe_every=2, tie_embeddings=False,
                                 moe={"n_shared": 2, "d_shared": 8, "router": "sigmoid_group", "n_group": 2}),
     "gelu_every_layer": small_cfg(moe={"activation": "gelu", "top_k": 1}),
+    "moepp_special_experts": small_cfg(moe={"router": "moepp", "n_zero": 1, "n_copy": 1, "n_const": 2,
+                                            "gating_residual": True}),
 }
 
 
@@ -39,6 +41,8 @@ def test_param_count_matches_formula_and_active_params(name):
             per_expert = (e.w_up_EDH.numel() + e.w_down_EFD.numel()) // e.n_experts
             skipped += (e.n_experts - cfg.moe.top_k) * per_expert
     assert pc.active == total - skipped
+    out = model(torch.randint(0, 256, (2, 5)))
+    assert sorted(out.moe) == cfg.moe_layers
     print(f"{name}: {total} parameters, {pc.active} active per token")
 
 
@@ -157,6 +161,18 @@ def test_config_errors_name_field_and_allowed_values():
         get_preset("tiny", router="nope")
     with pytest.raises(ValueError, match="max_seq_len"):
         MoELM(small_cfg())(torch.zeros(1, 40, dtype=torch.long))
+
+
+def test_gating_residual_receives_previous_layer_logits():
+    cfg = CONFIGS["moepp_special_experts"]
+    model = MoELM(cfg)
+    seen = []
+    for blk in model.blocks:
+        blk.ffn.register_forward_hook(lambda m, a, kw, out: seen.append(kw["prev_logits"]), with_kwargs=True)
+    out = model(torch.randint(0, 256, (1, 6)))
+    assert seen[0] is None
+    for i in range(1, cfg.n_layers):
+        assert seen[i] is out.moe[i - 1].routing.logits_TE
 
 
 def test_config_dict_roundtrip():
