@@ -1,0 +1,285 @@
+"""MoE layer speed: moelab vs the dense-equivalent GEMMs, vs transformers, and decode vs the bandwidth floor.
+
+T=tokens, D=d_model, E=experts, K=top-k, F=expert hidden, H=2F (gate|up).
+Everything is measured interleaved in one process (A B C A B C ...) after warm-up; the table reports the
+median of the per-round ratios, which survives a noisy shared machine far better than absolute times.
+Run: `python benchmarks/bench_moe.py` (or `moelab bench`); `--quick` runs tiny shapes in seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from moelab.config import MoEConfig
+from moelab.experts import mlp
+from moelab.moe import MoELayer
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str      # label in the table
+    E: int         # routed experts
+    k: int         # experts per token
+    D: int         # d_model
+    F: int         # expert hidden size
+    T: int         # tokens per call
+
+
+SHAPES = (Shape("coarse", 8, 2, 512, 1408, 4096), Shape("fine", 64, 8, 512, 256, 2048))
+DECODE = Shape("decode", 64, 8, 512, 256, 8)
+QUICK_SHAPES = (Shape("coarse", 4, 2, 64, 128, 256), Shape("fine", 16, 4, 64, 32, 256))
+QUICK_DECODE = Shape("decode", 16, 4, 64, 32, 8)
+
+
+def interleaved(fns: dict, rounds: int, budget_s: float, before=None) -> dict[str, list[float]]:
+    """Times each fn once per round, in turn, after one warm-up call each; stops early past budget_s."""
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    t_end = time.perf_counter() + budget_s
+    for r in range(rounds):
+        for name, f in fns.items():
+            if before is not None:
+                before()
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+        if r >= 2 and time.perf_counter() > t_end:
+            break
+    return times
+
+
+def median_ratio(num: list[float], den: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+def moelab_layer(s: Shape, impl: str) -> MoELayer:
+    cfg = MoEConfig(d_model=s.D, d_expert=s.F, n_experts=s.E, top_k=s.k, expert_impl=impl)
+    return MoELayer(cfg)
+
+
+def hf_block(s: Shape, layer: MoELayer, impl: str):
+    """Qwen3-MoE sparse block with the moelab layer's weights (softmax -> top-k -> renormalise: same math)."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+    cfg = Qwen3MoeConfig(hidden_size=s.D, moe_intermediate_size=s.F, num_experts=s.E, num_experts_per_tok=s.k,
+                         norm_topk_prob=True, hidden_act="silu", experts_implementation=impl)
+    block = Qwen3MoeSparseMoeBlock(cfg)
+    with torch.no_grad():
+        block.gate.weight.copy_(layer.gate.weight)
+        block.experts.gate_up_proj.copy_(layer.experts.w_up_EDH.transpose(1, 2))
+        block.experts.down_proj.copy_(layer.experts.w_down_EFD.transpose(1, 2))
+    return block
+
+
+def have_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+class Dense:
+    """The dense-equivalent: T*K rows through one expert-sized SwiGLU MLP (exactly the expert FLOPs)."""
+
+    def __init__(self, s: Shape):
+        self.x_ND = torch.randn(s.T * s.k, s.D, requires_grad=True)
+        self.w_up_DH = (torch.randn(s.D, 2 * s.F) * s.D ** -0.5).requires_grad_()
+        self.w_down_FD = (torch.randn(s.F, s.D) * s.F ** -0.5).requires_grad_()
+
+    def __call__(self) -> Tensor:
+        return mlp(self.x_ND, self.w_up_DH, self.w_down_FD, "swiglu")
+
+
+def _fwd(f):
+    def run():
+        with torch.no_grad():
+            f()
+    return run
+
+
+def _fwd_bwd(f, params):
+    def run():
+        for p in params:
+            p.grad = None
+        f().float().sum().backward()
+    return run
+
+
+def peak_bytes(fn) -> int:
+    """Peak CPU bytes allocated above the starting point while fn runs (torch.profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        events = json.loads(Path(path).read_text())["traceEvents"]
+    finally:
+        os.remove(path)
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max([0, *totals])
+
+
+def bench_shape(s: Shape, rounds: int, budget_s: float, impl: str, with_hf: bool) -> dict:
+    torch.manual_seed(0)
+    layer = moelab_layer(s, impl)
+    x_TD = torch.randn(s.T, s.D, requires_grad=True)
+    dense = Dense(s)
+
+    def moe():
+        r = layer(x_TD)
+        return r.y + r.aux_loss  # the aux loss's backward is part of the layer's cost
+
+    cands = {"dense": (dense, [dense.x_ND, dense.w_up_DH, dense.w_down_FD]),
+             "moelab": (moe, [x_TD, *layer.parameters()])}
+    check = {}
+    if with_hf:
+        for hf_impl in ("eager", "grouped_mm"):
+            block = hf_block(s, layer, hf_impl)
+            x_1TD = x_TD.unsqueeze(0)
+            cands[f"hf_{hf_impl}"] = (lambda b=block, x=x_1TD: b(x), [x_TD, *block.parameters()])
+            with torch.no_grad():
+                check[f"max_abs_diff_vs_hf_{hf_impl}"] = (block(x_1TD)[0] - layer(x_TD).y).abs().max().item()
+    out = {"shape": asdict(s), "check": check}
+    for mode, wrap in (("fwd", lambda f, p: _fwd(f)), ("fwd_bwd", _fwd_bwd)):
+        times = interleaved({n: wrap(f, p) for n, (f, p) in cands.items()}, rounds, budget_s)
+        res = {f"{n}_ms": 1e3 * statistics.median(t) for n, t in times.items()}
+        res["rounds"] = len(times["dense"])
+        res["moelab_over_dense"] = median_ratio(times["moelab"], times["dense"])
+        if with_hf:
+            best_hf = [min(a, b) for a, b in zip(times["hf_eager"], times["hf_grouped_mm"])]
+            res["best_hf_over_moelab"] = median_ratio(best_hf, times["moelab"])
+        out[mode] = res
+    mem = {n: peak_bytes(_fwd_bwd(f, p)) for n, (f, p) in cands.items()}
+    out["peak_mem_fwd_bwd_bytes"] = mem
+    out["peak_mem_moelab_over_dense"] = mem["moelab"] / mem["dense"]
+    return out
+
+
+def copy_bandwidth(nbytes: int = 512 << 20, rounds: int = 5) -> float:
+    """Bytes/s of a large tensor copy (read + write both counted)."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ts = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        ts.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(ts)
+
+
+def bench_decode(s: Shape, rounds: int, budget_s: float, impl: str, with_hf: bool, flush_mb: int) -> dict:
+    """Decode: T tokens per call, forward only; floor = expert bytes touched / copy bandwidth.
+    A cache-sized buffer is rewritten before every call so the weights come from memory, as in a real model."""
+    torch.manual_seed(1)
+    layer = moelab_layer(s, impl)
+    batches = [torch.randn(s.T, s.D) for _ in range(8)]
+    flush = torch.empty(flush_mb << 18)
+    step = {"i": 0}
+
+    def before():
+        flush.fill_(step["i"])
+        step["i"] += 1
+
+    def moe():
+        layer(batches[step["i"] % len(batches)])
+
+    cands = {"moelab": _fwd(moe)}
+    if with_hf:
+        for hf_impl in ("eager", "grouped_mm"):
+            block = hf_block(s, layer, hf_impl)
+            cands[f"hf_{hf_impl}"] = _fwd(lambda b=block: b(batches[step["i"] % len(batches)].unsqueeze(0)))
+    times = interleaved(cands, rounds, budget_s, before=before)
+    bytes_per_expert = (layer.experts.w_up_EDH[0].numel() + layer.experts.w_down_EFD[0].numel()) * 4
+    with torch.no_grad():
+        touched = [layer.route(b, None, None).expert_idx_TK.unique().numel() for b in batches]
+    bytes_touched = statistics.mean(touched) * bytes_per_expert + layer.gate.weight.numel() * 4
+    bw = copy_bandwidth()
+    floor_s = bytes_touched / bw
+    res = {f"{n}_ms": 1e3 * statistics.median(t) for n, t in times.items()}
+    res.update(shape=asdict(s), rounds=len(times["moelab"]), experts_touched=statistics.mean(touched),
+               bytes_touched=bytes_touched, copy_bandwidth_GBps=bw / 1e9, floor_ms=1e3 * floor_s,
+               moelab_over_floor=statistics.median(t / floor_s for t in times["moelab"]))
+    if with_hf:
+        best_hf = [min(a, b) for a, b in zip(times["hf_eager"], times["hf_grouped_mm"])]
+        res["best_hf_over_moelab"] = median_ratio(best_hf, times["moelab"])
+    return res
+
+
+def print_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=f"moelab MoE layer, fp32, {results['threads']} threads ({results['date']})")
+    for col in ("shape", "mode", "moelab ms", "dense-eq ms", "moelab / dense", "best HF / moelab", "target"):
+        t.add_column(col, justify="right")
+    for s in results["shapes"]:
+        for mode, target in (("fwd", "<=1.05, >=1.2"), ("fwd_bwd", "<=1.1, >=1.2")):
+            r = s[mode]
+            hf = f"{r['best_hf_over_moelab']:.2f}x" if "best_hf_over_moelab" in r else "-"
+            t.add_row(s["shape"]["name"], mode, f"{r['moelab_ms']:.1f}", f"{r['dense_ms']:.1f}",
+                      f"{r['moelab_over_dense']:.2f}", hf, target)
+        t.add_row(s["shape"]["name"], "peak mem", f"{s['peak_mem_fwd_bwd_bytes']['moelab'] / 2**20:.0f} MiB",
+                  f"{s['peak_mem_fwd_bwd_bytes']['dense'] / 2**20:.0f} MiB",
+                  f"{s['peak_mem_moelab_over_dense']:.2f}", "-", "<=1.3")
+    d = results["decode"]
+    hf = f"{d['best_hf_over_moelab']:.2f}x" if "best_hf_over_moelab" in d else "-"
+    t.add_row("decode", f"T={d['shape']['T']}", f"{d['moelab_ms']:.2f}", f"floor {d['floor_ms']:.2f}",
+              f"{d['moelab_over_floor']:.2f}", hf, "<=2 (vs floor)")
+    Console().print(t)
+
+
+def run(*, quick: bool = False, rounds: int = 9, budget_s: float = 60.0, impl: str = "grouped",
+        out: str | None = None, hf: bool = True) -> dict:
+    """Runs every measurement, prints the table, writes the JSON; returns the results dict."""
+    torch.set_num_threads(2)
+    with_hf = hf and have_transformers()
+    shapes, decode = (QUICK_SHAPES, QUICK_DECODE) if quick else (SHAPES, DECODE)
+    results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "threads": 2, "dtype": "float32",
+               "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}",
+               "impl": impl, "quick": quick,
+               "shapes": [bench_shape(s, rounds, budget_s, impl, with_hf) for s in shapes],
+               "decode": bench_decode(decode, 3 * rounds, budget_s / 4, impl, with_hf, 8 if quick else 320)}
+    print_table(results)
+    path = Path(out) if out else RESULTS_DIR / f"bench_moe{'_quick' if quick else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    print(f"wrote {path}")
+    return results
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds (smoke test)")
+    p.add_argument("--rounds", type=int, default=9, help="interleaved rounds per measurement (default 9)")
+    p.add_argument("--budget", type=float, default=60.0, help="seconds per shape and mode before stopping early")
+    p.add_argument("--impl", default="grouped", help="moelab expert implementation (grouped | loop)")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_moe.json)")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    a = p.parse_args(argv)
+    run(quick=a.quick, rounds=a.rounds, budget_s=a.budget, impl=a.impl, out=a.out, hf=not a.no_hf)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""Fast paths vs their loop twins: forward and every gradient to 1e-5 (fp32), on random shapes incl. experts
+with zero tokens, k=1, k=E, T=1 and shapes that force the grouped-GEMM fallback. Plus transformers itself."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moelab.config import MoEConfig
+from moelab.dispatch import (LocalDispatcher, apply_capacity, experts_reference_forward, permute, sort_plan,
+                             unpermute)
+from moelab.experts import EXPERT_IMPLS, Experts, experts_loop, grouped_mm_available
+from moelab.moe import MoELayer
+from moelab.routers import Routing
+
+FAST = [name for name in EXPERT_IMPLS if name != "loop"]
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def _grads(out, tensors, seed=1):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    return torch.autograd.grad(out, tensors, g, allow_unused=True)
+
+
+def _counts(S, E, n_empty, gen):
+    """Random split of S rows over E experts with at least n_empty experts receiving none."""
+    live = torch.randperm(E, generator=gen)[: max(E - n_empty, 1)]
+    owner = live[torch.randint(len(live), (S,), generator=gen)]
+    return torch.bincount(owner, minlength=E)
+
+
+# (E, D, F, S, n_empty, activation): aligned shapes use torch._grouped_mm, odd ones force the loop fallback
+EXPERT_CASES = [(8, 16, 12, 40, 3, "swiglu"), (4, 8, 8, 4, 3, "gelu"), (6, 12, 20, 24, 0, "swiglu"),
+                (5, 7, 9, 13, 2, "swiglu"), (3, 16, 16, 9, 1, "gelu"), (16, 8, 4, 1, 15, "swiglu")]
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("E,D,F,S,n_empty,act", EXPERT_CASES)
+def test_expert_impls_match_loop(impl, E, D, F, S, n_empty, act):
+    gen = torch.Generator().manual_seed(E * 100 + S)
+    counts_E = _counts(S, E, n_empty, gen)
+    assert int(counts_E.sum()) == S and (counts_E == 0).sum() >= min(n_empty, E - 1)
+    experts = Experts(E, D, F, act)
+    x_SD = torch.randn(S, D, generator=gen, requires_grad=True)
+    params = [x_SD, experts.w_up_EDH, experts.w_down_EFD]
+    want = experts_loop(x_SD, counts_E, experts.w_up_EDH, experts.w_down_EFD, act)
+    got = experts(x_SD, counts_E, impl)
+    torch.testing.assert_close(got, want, **TOL)
+    for a, b in zip(_grads(got, params), _grads(want, params)):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_alignment_rule_decides_fallback():
+    """Odd D (7 floats = 28 bytes) breaks the 16-byte rule; D=16, F=12, S=40 satisfies it."""
+    w = Experts(4, 7, 9)
+    assert not grouped_mm_available(torch.zeros(8, 7), w.w_up_EDH, w.w_down_EFD)
+    w = Experts(4, 16, 12)
+    assert grouped_mm_available(torch.zeros(40, 16), w.w_up_EDH, w.w_down_EFD) == hasattr(torch, "_grouped_mm")
+
+
+def test_expert_impl_per_row_equals_expert_method():
+    """Independent of the loop helper: each sorted block equals Experts.expert applied to it."""
+    experts = Experts(3, 8, 8)
+    counts_E = torch.tensor([2, 0, 5])
+    x_SD = torch.randn(7, 8)
+    for impl in FAST:
+        y_SD = experts(x_SD, counts_E, impl)
+        torch.testing.assert_close(y_SD[:2], experts.expert(0, x_SD[:2]), **TOL)
+        torch.testing.assert_close(y_SD[2:], experts.expert(2, x_SD[2:]), **TOL)
+
+
+def _random_routing(T, E, K, gen, drop_frac=0.0):
+    idx_TK = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    if drop_frac:
+        idx_TK = idx_TK.masked_fill(torch.rand(T, K, generator=gen) < drop_frac, -1)
+    w_TK = torch.rand(T, K, generator=gen).masked_fill(idx_TK < 0, 0.0).requires_grad_()
+    return Routing(idx_TK, w_TK, torch.zeros(T, E), torch.zeros(T, E))
+
+
+# (T, E, K, D, F, drop_frac): k=1, k=E, T=1, dropped slots, unaligned D
+DISPATCH_CASES = [(32, 8, 2, 16, 12, 0.0), (17, 4, 1, 8, 8, 0.0), (9, 4, 4, 16, 8, 0.0), (1, 6, 2, 16, 12, 0.0),
+                  (24, 8, 3, 12, 20, 0.3), (13, 5, 5, 7, 9, 0.2), (1, 16, 16, 8, 4, 0.0)]
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("T,E,K,D,F,drop", DISPATCH_CASES)
+def test_dispatch_experts_combine_match_reference(impl, T, E, K, D, F, drop):
+    gen = torch.Generator().manual_seed(T * 10 + E)
+    routing = _random_routing(T, E, K, gen, drop)
+    experts = Experts(E, D, F)
+    x_TD = torch.randn(T, D, generator=gen, requires_grad=True)
+    params = [x_TD, routing.weight_TK, experts.w_up_EDH, experts.w_down_EFD]
+    want = experts_reference_forward(x_TD, routing, experts.expert, E)
+    disp = LocalDispatcher(E)
+    x_SD, counts_E, plan = disp.dispatch(x_TD, routing)
+    assert int(counts_E.sum()) == int((routing.expert_idx_TK >= 0).sum())
+    got = disp.combine(experts(x_SD, counts_E, impl), plan)
+    torch.testing.assert_close(got, want, **TOL)
+    for a, b in zip(_grads(got, params), _grads(want, params)):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_permute_unpermute_by_hand():
+    """3 tokens, k=2, worked by hand: expert order (stable), weighted scatter back."""
+    idx_TK = torch.tensor([[1, 0], [1, -1], [0, 2]])
+    w_TK = torch.tensor([[0.5, 0.25], [1.0, 0.0], [2.0, 3.0]])
+    plan = sort_plan(idx_TK, w_TK, 3)
+    assert plan.token_S.tolist() == [0, 2, 0, 1, 2] and plan.counts_E.tolist() == [2, 2, 1]
+    assert plan.weight_S.tolist() == [0.25, 2.0, 0.5, 1.0, 3.0]
+    x_TD = torch.tensor([[1.0], [10.0], [100.0]])
+    assert permute(x_TD, plan).squeeze(1).tolist() == [1.0, 100.0, 1.0, 10.0, 100.0]
+    y = unpermute(torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0]]), plan).squeeze(1).tolist()
+    assert y == [0.25 * 1 + 0.5 * 3, 1.0 * 4, 2.0 * 2 + 3.0 * 5]
+
+
+def _layers(cfg):
+    fast = MoELayer(cfg)
+    slow = MoELayer(cfg.replace(expert_impl="loop"))
+    slow.load_state_dict(fast.state_dict())
+    return fast, slow
+
+
+@pytest.mark.parametrize("kw", [dict(n_experts=8, top_k=2), dict(n_experts=4, top_k=1), dict(n_experts=4, top_k=4),
+                                dict(n_experts=8, top_k=2, capacity_factor=0.5),
+                                dict(n_experts=6, top_k=2, d_model=12, d_expert=10, n_shared=1)])
+@pytest.mark.parametrize("T", [1, 37])
+def test_layer_fast_equals_loop(kw, T):
+    cfg = MoEConfig(**{"d_model": 16, "d_expert": 12, **kw})
+    fast, slow = _layers(cfg)
+    x = torch.randn(T, cfg.d_model, requires_grad=True)
+    outs = []
+    for layer in (fast, slow):
+        r = layer(x)
+        loss = (r.y * torch.randn(r.y.shape, generator=torch.Generator().manual_seed(3))).sum() + r.aux_loss
+        grads = torch.autograd.grad(loss, [x, *layer.parameters()], allow_unused=True)
+        outs.append((r.y, grads))
+    torch.testing.assert_close(outs[0][0], outs[1][0], **TOL)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, **TOL)
+
+
+def test_capacity_drops_are_the_lowest_weights():
+    idx_TK = torch.tensor([[0, 1], [0, 1], [0, 1]])
+    w_TK = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])
+    r, n = apply_capacity(Routing(idx_TK, w_TK, torch.zeros(3, 2), torch.zeros(3, 2)), 2, 2)
+    assert int(n) == 2
+    assert r.expert_idx_TK.tolist() == [[0, -1], [-1, 1], [0, 1]]
+
+
+def test_matches_transformers_qwen3_moe_block():
+    """The same weights in a transformers Qwen3-MoE sparse block give the same output (eager + grouped_mm)."""
+    pytest.importorskip("transformers")
+    bench = _load_bench()
+    s = bench.Shape("t", E=8, k=2, D=16, F=12, T=20)
+    layer = bench.moelab_layer(s, "grouped")
+    x_TD = torch.randn(s.T, s.D)
+    with torch.no_grad():
+        want = layer(x_TD).y
+        for impl in ("eager", "grouped_mm"):
+            got = bench.hf_block(s, layer, impl)(x_TD.unsqueeze(0))[0]
+            torch.testing.assert_close(got, want, **TOL)
+
+
+def _load_bench():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_moe.py"
+    spec = importlib.util.spec_from_file_location("bench_moe", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_moe", mod)  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_quick_writes_json(tmp_path):
+    """Smoke test of the harness on tiny shapes (no timing asserted): every ratio is present and positive."""
+    bench = _load_bench()
+    res = bench.run(quick=True, rounds=2, budget_s=1.0, out=str(tmp_path / "b.json"), hf=False)
+    assert (tmp_path / "b.json").exists()
+    for s in res["shapes"]:
+        assert s["fwd"]["moelab_over_dense"] > 0 and s["fwd_bwd"]["moelab_over_dense"] > 0
+        assert s["peak_mem_fwd_bwd_bytes"]["moelab"] > 0
+    assert res["decode"]["floor_ms"] > 0 and res["decode"]["experts_touched"] >= 1
