@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -18,8 +19,12 @@ def _train(args: argparse.Namespace) -> int:
           "grad_accum": args.grad_accum, "lr": args.lr, "warmup": args.warmup, "seed": args.seed,
           "log_every": args.log_every, "eval_every": args.eval_every, "ckpt_every": args.ckpt_every,
           "keep_last": args.keep_last, "data": args.data}
-    return cli_train(preset=args.preset, out=args.out, resume=args.resume, threads=args.threads,
-                     moe_changes=moe, train_changes=tr)
+    kw = {"preset": args.preset, "out": args.out, "resume": args.resume, "threads": args.threads,
+          "moe_changes": moe, "train_changes": tr}
+    if args.nproc or args.ep or "WORLD_SIZE" in os.environ:  # expert parallel (issue 7)
+        from moelab.parallel import cli_train_ep
+        return cli_train_ep(nproc=args.nproc, ep=args.ep, **kw)
+    return cli_train(**kw)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -72,7 +77,11 @@ def _add_lm_commands(sub) -> None:
     t.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint "
                    "(with its saved configs; --steps may extend it)")
-    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 per rank with --nproc)")
+    t.add_argument("--nproc", type=int, help="spawn N local gloo processes for expert x data parallel training "
+                   "(--batch-size is per rank; under torchrun the world size is torchrun's)")
+    t.add_argument("--ep", type=int, help="expert-parallel size: experts sharded over this many ranks "
+                   "(must equal the number of processes); rank r writes OUT/rank{r}, OUT gets the merged model")
     t.set_defaults(func=_train)
     e = sub.add_parser("eval", help="validation loss per domain of a run vs the unigram baseline",
                        description="Evaluate the latest (or --ckpt) checkpoint of RUN on its validation split.")

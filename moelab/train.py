@@ -158,7 +158,8 @@ class Trainer:
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, out: str | Path, *, corpus: Corpus | None = None,
                  grad_sync: Callable[[nn.Module], None] | None = None,
                  reduce_metrics: Callable[[Tensor], Tensor] | None = None,
-                 bias_update: Callable[[nn.Module], None] = update_loss_free_biases, verbose: bool = True):
+                 bias_update: Callable[[nn.Module], None] = update_loss_free_biases, verbose: bool = True,
+                 grad_norm: Callable[[list[Tensor]], Tensor] | None = None):
         if cfg.seq_len > model_cfg.max_seq_len:
             raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} is invalid: allowed <= max_seq_len="
                              f"{model_cfg.max_seq_len}")
@@ -173,6 +174,7 @@ class Trainer:
                                      lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False, foreach=False)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.grad_sync, self.reduce_metrics, self.bias_update = grad_sync, reduce_metrics, bias_update
+        self.grad_norm = grad_norm  # distributed: global grad norm over every rank's shard (moelab.parallel)
         self.step = 0
         self.console = Console(quiet=not verbose)
         self._rng_at_step_start = self._rng_state()
@@ -209,7 +211,11 @@ class Trainer:
         if self.grad_sync is not None:
             self.grad_sync(model)
         params = [p for p in model.parameters() if p.grad is not None]
-        if cfg.grad_clip > 0:
+        if self.grad_norm is not None:  # sharded experts: every rank clips by the same global norm
+            gnorm = self.grad_norm(params)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, gnorm)
+        elif cfg.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
             gnorm = torch.norm(torch.stack([p.grad.norm() for p in params]))
@@ -403,7 +409,7 @@ def val_table(summary: dict):
 
 
 def cli_train(*, preset: str, out: str, resume: bool, threads: int | None, moe_changes: dict,
-              train_changes: dict) -> int:
+              train_changes: dict, make_trainer: Callable[..., Trainer] = Trainer) -> int:
     """`moelab train`: preset + MoE overrides (router, balance, ...) + TrainConfig overrides."""
     from moelab.presets import get_preset
     if threads:
@@ -419,7 +425,7 @@ def cli_train(*, preset: str, out: str, resume: bool, threads: int | None, moe_c
                              "steps": changes.get("steps", saved["train_config"]["steps"])})
     else:
         cfg = TrainConfig(**changes)
-    summary = Trainer(model_cfg, cfg, out).fit(resume=resume)
+    summary = make_trainer(model_cfg, cfg, out).fit(resume=resume)
     Console().print(val_table(summary))
     Console().print(f"run folder: {out} (metrics.jsonl, summary.json, ckpt/); plots: moelab plot {out}")
     return 0
