@@ -158,3 +158,17 @@ def test_report_html_wellformed_with_existing_images(tmp_path):
         assert p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = html.read_text()
     assert "MaxVio" in text and "2408.15664" in text and "code" in text
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    import shutil
+    import subprocess
+    from moelab.report import write_report
+    exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "headless_shell")
+                if shutil.which(n)), None)
+    if exe is None:
+        pytest.skip("no headless Chromium on this machine")
+    html = write_report(make_trace(), tmp_path / "rep")
+    dom = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", html.as_uri()],
+                         capture_output=True, text=True, timeout=60).stdout
+    assert "Routing report" in dom and dom.count("<img") >= 4

@@ -32,20 +32,34 @@ _EXTRA = {
     "gpt_oss": dict(layer_types=["full_attention", "full_attention"]),
     "qwen2_moe": dict(layer_types=["full_attention", "full_attention"]),
     "dots1": dict(layer_types=["full_attention", "full_attention"]),
+    "granitemoehybrid": dict(layer_types=["attention", "attention"], mamba_n_heads=4, mamba_d_head=16),
 }
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "gpt_oss", "granitemoe",
             "granitemoeshared", "phimoe", "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "minimax", "dots1",
-            "flex_olmo", "minimax_m2", "exaone_moe", "afmoe", "qwen3_next", "jamba", "lfm2_moe"]
+            "flex_olmo", "minimax_m2", "exaone_moe", "afmoe", "qwen3_next", "jamba", "lfm2_moe", "dbrx",
+            "bailing_hybrid", "cohere2_moe", "granitemoe_swa", "hy_v3", "kimi_linear",
+            "kolibri1", "laguna", "mellum", "mimo_v2_flash", "solar_open", "granitemoehybrid"]
+
+
+_NESTED = {  # families whose config nests the MoE settings
+    "dbrx": dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=V,
+                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                 ffn_config=dict(ffn_hidden_size=16, moe_num_experts=E, moe_top_k=K)),
+}
 
 
 def tiny_model(family: str):
-    cfg0 = AutoConfig.for_model(family)
-    known = set(cfg0.to_dict())
-    kw = {k: v for k, v in {**_BASE, **_EXTRA.get(family, {})}.items() if k in known or hasattr(cfg0, k)}
+    if family in _NESTED:
+        cfg = AutoConfig.for_model(family, **_NESTED[family])
+    else:
+        cfg0 = AutoConfig.for_model(family)
+        known = set(cfg0.to_dict())
+        kw = {k: v for k, v in {**_BASE, **_EXTRA.get(family, {})}.items() if k in known or hasattr(cfg0, k)}
+        cfg = AutoConfig.for_model(family, **kw)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **kw))
+        model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():  # some families init their router at zero: make routing input-dependent
         for b in moe_blocks(model):
             for name, w in getattr(b.module, b.adapter.router).named_parameters():
