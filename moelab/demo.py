@@ -12,7 +12,7 @@ from rich.console import Console
 from moelab.model import BOS_ID, generate
 from moelab.plots import plot_run
 from moelab.presets import get_preset
-from moelab.train import Trainer, TrainConfig, val_table
+from moelab.train import TrainConfig, Trainer, val_table
 
 DEMO_TRAIN = TrainConfig(steps=500, batch_size=16, seq_len=128, lr=3e-3, warmup=30, log_every=50,
                          eval_every=100, eval_batches=4, ckpt_every=350, keep_last=1)
@@ -54,7 +54,7 @@ def run_demo(out: str = "runs/demo", steps: int | None = None, threads: int = 1)
             if '"kind": "train"' in ln][-1]
     console.print("final MaxVio per MoE layer: " + ", ".join(f"{v:.2f}" for v in last["max_vio"]))
     console.print(f"{summary['params']:,} parameters ({summary['active_params']:,} active per token), "
-                  f"{summary['tokens_per_s']:,} tokens/s, total {time.perf_counter() - t0:.0f} s")
+                  f"{summary['tokens_per_s']:,} tokens/s (validation included), total {time.perf_counter() - t0:.0f} s")
     console.print("plots: " + ", ".join(str(p) for p in paths))
     ok = all(summary["val_loss"][d] < summary["unigram_loss"][d] for d in summary["val_loss"])
     console.print("[green]validation loss is below the unigram baseline in every domain[/green]" if ok else

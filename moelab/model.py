@@ -6,7 +6,7 @@ Readable top to bottom: `ModelConfig` -> `Block` (attention + dense or MoE FFN) 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
 
 import torch
@@ -29,7 +29,7 @@ def _need(ok: bool, field: str, value, allowed: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    moe: MoEConfig = MoEConfig(d_model=128, d_expert=128)  # the MoE FFN; moe.d_model must equal d_model
+    moe: MoEConfig = field(default_factory=lambda: MoEConfig(d_model=128, d_expert=128))  # MoE FFN; d_model = ours
     d_model: int = 128             # D, residual width
     n_layers: int = 4              # transformer blocks
     n_heads: int = 4               # attention heads (head dim = d_model / n_heads)
@@ -61,7 +61,7 @@ class ModelConfig:
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.n_layers) if self.is_moe(i)]
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         names = {f.name for f in fields(self)}
         bad = sorted(set(changes) - names)
         if bad:
@@ -72,7 +72,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         return cls(**{**d, "moe": MoEConfig(**d["moe"])})
 
 
@@ -201,7 +201,7 @@ class MoELM(nn.Module):
 
     def forward(self, idx_BS: Tensor, *, valid_BS: Tensor | None = None) -> LMOutput:
         """idx_BS: token ids (long). valid_BS: bool, False at (right) padding; padding goes to no expert."""
-        B, S = idx_BS.shape
+        _B, S = idx_BS.shape
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds ModelConfig.max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[:S].to(self.tok_emb.weight.dtype), self.rope_sin[:S].to(self.tok_emb.weight.dtype)

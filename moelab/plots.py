@@ -10,8 +10,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
@@ -27,6 +27,17 @@ def _smooth(y: np.ndarray, k: int) -> np.ndarray:
     if len(y) < k or k <= 1:
         return y
     return np.convolve(y, np.ones(k) / k, mode="valid")
+
+
+def _moe_layer_ids(run: str | Path, n: int) -> list[int]:
+    """Block indices of the MoE layers (from the run's config.json), else 0..n-1."""
+    path = Path(run) / "config.json"
+    if path.exists():
+        from moelab.model import ModelConfig
+        ids = ModelConfig.from_dict(json.loads(path.read_text())["model_config"]).moe_layers
+        if len(ids) == n:
+            return ids
+    return list(range(n))
 
 
 def plot_loss(run: str | Path, path: Path, unigram: dict[str, float] | None = None) -> Path:
@@ -63,11 +74,12 @@ def plot_expert_load(run: str | Path, path: Path) -> Path:
     L = load_NLE.shape[1]
     fig, axes = plt.subplots(L, 1, figsize=(6.4, 1.2 + 1.1 * L), dpi=90, sharex=True, squeeze=False)
     steps = [r["step"] for r in train]
+    ids = _moe_layer_ids(run, L)
     for j in range(L):
         ax = axes[j, 0]
         im = ax.imshow(load_NLE[:, j].T, aspect="auto", interpolation="nearest", cmap="viridis",
                        extent=(steps[0], steps[-1], load_NLE.shape[2] - 0.5, -0.5))
-        ax.set_ylabel(f"MoE {j}\nexpert", fontsize=8)
+        ax.set_ylabel(f"layer {ids[j]}\nexpert", fontsize=8)
         fig.colorbar(im, ax=ax, pad=0.01)
     axes[-1, 0].set_xlabel("step")
     axes[0, 0].set_title("expert load (share of routed slots) over training")
@@ -84,8 +96,8 @@ def plot_max_vio(run: str | Path, path: Path) -> Path:
     steps = np.array([r["step"] for r in train])
     k = max(1, len(steps) // 50)
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=90)
-    for j in range(mv_NL.shape[1]):
-        ax.plot(steps[k - 1:] if k > 1 else steps, _smooth(mv_NL[:, j], k), label=f"MoE layer {j}")
+    for j, layer in enumerate(_moe_layer_ids(run, mv_NL.shape[1])):
+        ax.plot(steps[k - 1:] if k > 1 else steps, _smooth(mv_NL[:, j], k), label=f"layer {layer}")
     ax.set_xlabel("step")
     ax.set_ylabel("MaxVio")
     ax.set_title("load imbalance (MaxVio, 0 = perfectly balanced)")

@@ -1,7 +1,7 @@
 """Named model configs: plain functions returning a ModelConfig. Toy-scale shapes that mirror real MoEs."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from moelab.config import MoEConfig
 from moelab.model import ModelConfig

@@ -3,7 +3,8 @@
 L=MoE layers, E=experts, B=sequences, S=positions.
 One `Trainer.train_step()` = one optimizer step. Hooks for distributed training (not implemented here):
 `grad_sync(model)` runs after backward and before clipping; `reduce_metrics(t)` returns the sum of a
-1-D metric tensor over ranks; `bias_update(model)` runs after each optimizer step (loss-free balancing).
+1-D metric tensor over ranks; `bias_update(model)` runs after each optimizer step (loss-free balancing);
+`data_rank` gives each data-parallel rank its own batches (same model init on every rank).
 """
 from __future__ import annotations
 
@@ -13,19 +14,26 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from moelab import balance
 from moelab.data import Batch, Corpus, build_corpus
-from moelab.model import LMOutput, MoELM, ModelConfig, lm_loss, param_count
+from moelab.model import LMOutput, ModelConfig, MoELM, lm_loss, param_count
 from moelab.moe import MoELayer, update_loss_free_biases
 
 CKPT_RE = re.compile(r"^step_(\d{8})$")
@@ -66,7 +74,7 @@ class TrainConfig:
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"TrainConfig.min_lr_ratio={self.min_lr_ratio} is invalid: allowed 0..1")
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         names = {f.name for f in fields(self)}
         bad = sorted(set(changes) - names)
         if bad:
@@ -159,7 +167,7 @@ class Trainer:
                  grad_sync: Callable[[nn.Module], None] | None = None,
                  reduce_metrics: Callable[[Tensor], Tensor] | None = None,
                  bias_update: Callable[[nn.Module], None] = update_loss_free_biases, verbose: bool = True,
-                 grad_norm: Callable[[list[Tensor]], Tensor] | None = None):
+                 grad_norm: Callable[[list[Tensor]], Tensor] | None = None, data_rank: int = 0):
         if cfg.seq_len > model_cfg.max_seq_len:
             raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} is invalid: allowed <= max_seq_len="
                              f"{model_cfg.max_seq_len}")
@@ -172,7 +180,7 @@ class Trainer:
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}],
                                      lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False, foreach=False)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * data_rank)  # DP ranks: own batches
         self.grad_sync, self.reduce_metrics, self.bias_update = grad_sync, reduce_metrics, bias_update
         self.grad_norm = grad_norm  # distributed: global grad norm over every rank's shard (moelab.parallel)
         self.step = 0

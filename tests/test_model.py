@@ -5,8 +5,17 @@ import pytest
 import torch
 
 from moelab.config import MoEConfig
-from moelab.model import (BOS_ID, LMOutput, MoELM, ModelConfig, apply_rope, generate, lm_loss, param_count,
-                          rope_tables)
+from moelab.model import (
+    BOS_ID,
+    LMOutput,
+    ModelConfig,
+    MoELM,
+    apply_rope,
+    generate,
+    lm_loss,
+    param_count,
+    rope_tables,
+)
 from moelab.moe import MoELayer
 from moelab.presets import PRESETS, get_preset
 

@@ -10,8 +10,16 @@ from safetensors.torch import load_file
 from moelab.config import MoEConfig
 from moelab.data import build_corpus
 from moelab.model import ModelConfig
-from moelab.train import (NonFiniteError, Trainer, TrainConfig, list_checkpoints, load_model, lr_at,
-                          optimizer_from_tensors, optimizer_to_tensors)
+from moelab.train import (
+    NonFiniteError,
+    TrainConfig,
+    Trainer,
+    list_checkpoints,
+    load_model,
+    lr_at,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+)
 
 
 def tiny_model(balance="aux") -> ModelConfig:
@@ -32,8 +40,8 @@ def corpus(tmp_path_factory):
 
 
 def train_cfg(**kw) -> TrainConfig:
-    base = dict(steps=6, batch_size=4, seq_len=16, warmup=2, lr=1e-2, log_every=100, eval_every=0,
-                ckpt_every=0, eval_batches=1, keep_last=2)
+    base = {"steps": 6, "batch_size": 4, "seq_len": 16, "warmup": 2, "lr": 1e-2, "log_every": 100, "eval_every": 0,
+                "ckpt_every": 0, "eval_batches": 1, "keep_last": 2}
     return TrainConfig(**{**base, **kw})
 
 
@@ -148,6 +156,11 @@ def test_grad_sync_and_reduce_metrics_hooks(tmp_path, corpus):
     r1, r2 = tr.train_step(), ref.train_step()
     assert calls == {"sync": 1, "reduce": 1}
     assert r1["loss"] == pytest.approx(r2["loss"]) and r1["max_vio"] == pytest.approx(r2["max_vio"])
+    rank0 = Trainer(tiny_model(), train_cfg(), tmp_path / "r0", corpus=corpus, verbose=False, data_rank=0)
+    rank1 = Trainer(tiny_model(), train_cfg(), tmp_path / "r1", corpus=corpus, verbose=False, data_rank=1)
+    assert all(torch.equal(a, b) for a, b in zip(rank0.model.parameters(), rank1.model.parameters()))
+    b0, b1 = corpus.sample(4, 16, rank0.gen), corpus.sample(4, 16, rank1.gen)
+    assert not torch.equal(b0.idx_BS, b1.idx_BS)  # same init, other batches
 
 
 def test_train_metrics_and_eval(tmp_path, corpus):
@@ -160,7 +173,44 @@ def test_train_metrics_and_eval(tmp_path, corpus):
     for d, v in ev["val_loss"].items():
         assert ev["val_bpb"][d] == pytest.approx(v / math.log(2))
     # expert counts per (layer, domain): top-2 slots for every real validation token
-    for layer, rows in ev["expert_by_domain"].items():
+    for rows in ev["expert_by_domain"].values():
         for d, row in zip(corpus.domains, rows):
             n_tok = sum(int(b.valid_BS.sum()) for b in corpus.val_batches(d, 4, 16, 1))
             assert sum(row) == 2 * n_tok
+
+
+def test_cli_train_resume_eval_generate_plot(tmp_path, capsys):
+    from moelab.cli import main
+    data = tmp_path / "mytext"
+    data.mkdir()
+    for i in range(4):
+        (data / f"{i}.txt").write_text("hello moe world, " * (20 + i))
+    run = str(tmp_path / "run")
+    common = ["--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--eval-every", "0",
+              "--ckpt-every", "0", "--data", str(data), "--out", run, "--threads", "1"]
+    assert main(["train", "--steps", "2", "--balance", "loss_free", *common]) == 0
+    assert "mytext" in capsys.readouterr().out
+    assert main(["train", "--steps", "2", *common]) == 2  # refuses to overwrite checkpoints
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "--steps", "3", "--resume", *common]) == 0
+    saved = json.loads((Path(run) / "config.json").read_text())
+    assert saved["model_config"]["moe"]["balance"] == "loss_free" and saved["train_config"]["steps"] == 3
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000002", "step_00000003"]
+    assert main(["eval", run, "--batches", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "step 3" in out and "mytext" in out
+    assert main(["generate", run, "--prompt", "hello", "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("hello")
+    assert main(["plot", run]) == 0
+    for name in ("loss.png", "expert_load.png", "max_vio.png", "specialization.png"):
+        assert (Path(run) / name).stat().st_size > 1000
+
+
+def test_cli_unknown_names_list_the_valid_ones(capsys):
+    from moelab.cli import main
+    for flag, bad, valid in (("--preset", "huge", "mixtral-like"), ("--router", "nope", "sigmoid_group"),
+                             ("--balance", "magic", "loss_free")):
+        with pytest.raises(SystemExit):
+            main(["train", flag, bad, "--out", "x"])
+        err = capsys.readouterr().err
+        assert bad in err and valid in err
