@@ -88,7 +88,8 @@ def plot_affinity(s: analysis.Summary, path: Path) -> Path:
             ax.axis("off")
             continue
         l = pairs[k]
-        ax.imshow(s.aff.cond_PEE[l], cmap="magma", vmin=0, vmax=1)
+        im = ax.imshow(s.aff.cond_PEE[l], cmap="magma", vmin=0, vmax=max(float(s.aff.cond_PEE.max()), 1e-9))
+        fig.colorbar(im, ax=ax, fraction=0.046)
         ax.set_title(f"{l}->{l + 1}: top-{s.aff.top} share {s.aff.top_share_P[l]:.2f}", fontsize=9)
         ax.set_xlabel("expert at l+1", fontsize=8)
         ax.set_ylabel("expert at l", fontsize=8)
@@ -135,7 +136,8 @@ def _table(head: list[str], rows: list[list[str]], left: int = 0) -> str:
 
 
 def _tok(t: str) -> str:
-    return html.escape(repr(t)[1:-1])
+    """Visible text of a token: spaces as an open box, control characters escaped."""
+    return html.escape(repr(t)[1:-1].replace(" ", "\u2423"))
 
 
 def write_report(trace: Trace, out: str | Path, top_layer: int | None = None) -> Path:
@@ -160,7 +162,8 @@ def write_report(trace: Trace, out: str | Path, top_layer: int | None = None) ->
             f"reuse d=1 (random {K / E:.2f})", f"SCH seg={s.seg_lens[-1]}, cache={s.cache_size}"]
     tl = L // 2 if top_layer is None else top_layer
     tops = analysis.top_tokens(trace, tl, n=6)
-    tok_rows = [[str(e), " ".join(f"{_tok(t)}<sub>{c}</sub>" for t, c, _ in tt)] for e, tt in enumerate(tops)]
+    tok_rows = [[str(e), " ".join(f"{_tok(t)}<sub>{c}, {100 * f:.0f}%</sub>" for t, c, f in tt)]
+                for e, tt in enumerate(tops)]
     meta = {k: v for k, v in trace.meta.items() if isinstance(v, (str, int, float))}
     info = (f"{trace.n_tokens} tokens, {len(np.unique(trace.seq_ids_N))} sequences, {L} MoE layers, "
             f"E={E} experts, k={K}, domains: {', '.join(trace.domains)}")
@@ -170,7 +173,7 @@ def write_report(trace: Trace, out: str | Path, top_layer: int | None = None) ->
              f"<p class=\"meta\">{html.escape(json.dumps(meta))}</p>",
              "<h2>Summary per layer</h2>", _table(head, rows),
              *[f"<h2>{html.escape(t)}</h2><p><img src=\"{p.name}\" alt=\"{html.escape(t)}\"></p>" for t, p in imgs],
-             f"<h2>Top tokens per expert, layer {tl}</h2><p>count of routings in subscript</p>",
+             f"<h2>Top tokens per expert, layer {tl}</h2><p>subscript: times routed to the expert, and the share of that token's occurrences it is</p>",
              _table(["expert", "tokens"], tok_rows, left=2),
              "<h2>Sources</h2><ul>", *[f"<li>{html.escape(m)}: {html.escape(c)}</li>" for m, c in SOURCES],
              "</ul></body></html>"]
