@@ -12,9 +12,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from moelab.presets import parse_overrides
     from moelab.train import cli_train
     moe = {"router": args.router, "balance": args.balance, "n_experts": args.experts, "top_k": args.top_k,
-           "aux_loss_coef": args.aux_coef, "expert_impl": args.expert_impl}
+           "aux_loss_coef": args.aux_coef, "expert_impl": args.expert_impl, **parse_overrides(args.moe_set or [])}
     tr = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
           "grad_accum": args.grad_accum, "lr": args.lr, "warmup": args.warmup, "seed": args.seed,
           "log_every": args.log_every, "eval_every": args.eval_every, "ckpt_every": args.ckpt_every,
@@ -61,6 +62,8 @@ def _add_lm_commands(sub) -> None:
     t.add_argument("--top-k", type=int, help="experts per token k (default: the preset's)")
     t.add_argument("--aux-coef", type=float, help="weight of the balance loss (default: the preset's)")
     t.add_argument("--expert-impl", choices=list(EXPERT_IMPLS), help="expert compute path (default grouped)")
+    t.add_argument("--moe-set", nargs="+", metavar="FIELD=VALUE", help="any other MoEConfig field, e.g. "
+                   "--moe-set n_null=2 (router adamoe) or n_zero=1 n_copy=1 gating_residual=true (moepp)")
     t.add_argument("--steps", type=int, help="optimizer steps (default 600)")
     t.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 16)")
     t.add_argument("--seq-len", type=int, help="bytes per sequence (default 128)")

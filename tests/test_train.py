@@ -214,3 +214,38 @@ def test_cli_unknown_names_list_the_valid_ones(capsys):
             main(["train", flag, bad, "--out", "x"])
         err = capsys.readouterr().err
         assert bad in err and valid in err
+
+
+def test_cli_moe_set_overrides(tmp_path, capsys):
+    from moelab.cli import main
+    from moelab.presets import parse_overrides
+    assert parse_overrides(["n_zero=1", "gating_residual=true", "router=moepp", "capacity_factor=1.5"]) == {
+        "n_zero": 1, "gating_residual": True, "router": "moepp", "capacity_factor": 1.5}
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        parse_overrides(["n_zero"])
+    data = tmp_path / "t"
+    data.mkdir()
+    for i in range(3):
+        (data / f"{i}.txt").write_text("some text to learn. " * 10)
+    run = tmp_path / "pp"
+    assert main(["train", "--router", "moepp", "--moe-set", "n_zero=1", "n_copy=1", "gating_residual=true",
+                 "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--data", str(data), "--out", str(run),
+                 "--threads", "1"]) == 0
+    moe = json.loads((run / "config.json").read_text())["model_config"]["moe"]
+    assert (moe["router"], moe["n_zero"], moe["n_copy"], moe["gating_residual"]) == ("moepp", 1, 1, True)
+    capsys.readouterr()
+    assert main(["train", "--moe-set", "bogus=1", "--out", str(tmp_path / "x")]) == 2
+    assert "bogus" in capsys.readouterr().err
+
+
+def test_demo_writes_summary_and_plots(tmp_path):
+    from moelab.demo import run_demo
+    run = tmp_path / "demo"
+    code = run_demo(str(run), steps=2)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 2
+    below = all(summary["val_loss"][d] < summary["unigram_loss"][d] for d in summary["val_loss"])
+    assert code == (0 if below else 1)
+    assert set(summary["val_loss"]) >= {"code", "prose"}
+    for name in ("loss.png", "expert_load.png", "max_vio.png", "specialization.png"):
+        assert (run / name).exists()
