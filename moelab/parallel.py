@@ -194,7 +194,7 @@ class EPDispatcher:
         pos[torch.tensor(placement.order())] = torch.arange(n_experts)
         self.pos_E = pos                       # global expert id -> position in send order
         self.last_comm = ZERO_COMM             # traffic of the latest forward
-        self.total_comm = ZERO_COMM            # summed over forwards since construction / reset
+        self.step_comm = ZERO_COMM             # summed over grad-enabled forwards since take_comm()
 
     def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, EPPlan]:
         idx_TK = routing.expert_idx_TK
@@ -232,7 +232,13 @@ class EPDispatcher:
         count_in = 8 * len(self.local_experts) * (self.world - 1)
         self.last_comm = CommStats(rows_out, rows_in, count_bytes + (rows_out + rows_in) * row_bytes,
                                    count_in + (rows_in + rows_out) * row_bytes)
-        self.total_comm = self.total_comm + self.last_comm
+        if torch.is_grad_enabled():  # training traffic only: evaluation forwards run under no_grad
+            self.step_comm = self.step_comm + self.last_comm
+
+    def take_comm(self) -> CommStats:
+        """Traffic of the training forwards since the last call (e.g. one optimizer step), then reset."""
+        out, self.step_comm = self.step_comm, ZERO_COMM
+        return out
 
 
 # ----------------------------------------------------------------------------- model surgery
@@ -291,6 +297,17 @@ def comm_stats(model: nn.Module) -> dict[str, CommStats]:
     from moelab.moe import MoELayer
     return {name: m.dispatcher.last_comm for name, m in model.named_modules()
             if isinstance(m, MoELayer) and is_sharded(m)}
+
+
+def comm_record(model: nn.Module, group=None) -> dict[str, list[list[int]]]:
+    """Training all-to-all traffic since the last call, per rank per sharded layer, for metrics.jsonl:
+    {"tokens_sent": [[layer0, layer1, ...] for each rank], ...}. A collective: call it on every rank."""
+    _, world = _world(group)
+    mine = torch.tensor([list(m.dispatcher.take_comm()) for m in _moe_layers(model) if is_sharded(m)],
+                        dtype=torch.float64).reshape(-1, len(CommStats._fields))
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    return {f: [[int(v) for v in t[:, k].tolist()] for t in every] for k, f in enumerate(CommStats._fields)}
 
 
 # ----------------------------------------------------------------------------- data parallel + balancing
@@ -428,6 +445,12 @@ def ep_trainer(model_cfg, cfg, out, *, placement=None, group=None):
     t.grad_norm = partial(global_grad_norm, t.model, group=group)
     if rank == 0:
         write_ep_meta(t.model, out, world)
+    step = t.train_step
+
+    def train_step_with_comm() -> dict:  # the trainer's record + all-to-all traffic per rank per layer
+        rec = step()
+        return {**rec, "a2a": comm_record(t.model, group)}
+    t.train_step = train_step_with_comm
     return t
 
 

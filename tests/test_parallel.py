@@ -228,7 +228,7 @@ def test_ep_layer_matches_single_process(world):
     assert sum(r["n_expert_params"] for r in res) == E * per_expert  # each expert on exactly one rank
 
 
-def test_placement_errors_before_any_collective():
+def test_placement_errors_before_any_collective(monkeypatch):
     with pytest.raises(ValueError, match=r"misses experts \[3\]"):
         Placement.from_map({0: 0, 1: 1, 2: 0}, n_experts=4, world_size=2)
     with pytest.raises(ValueError, match="n_experts=4"):
@@ -237,6 +237,14 @@ def test_placement_errors_before_any_collective():
         Placement.from_map([0, 1, 2, 0], n_experts=4, world_size=2)
     with pytest.raises(ValueError, match="init_distributed"):  # no process group: refuse, do not hang
         EPDispatcher(4, Placement.contiguous(4, 2))
+    from moelab.parallel import cli_train_ep
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    kw = {"preset": "tiny", "out": "unused", "resume": False, "threads": None, "moe_changes": {},
+          "train_changes": {}}
+    with pytest.raises(ValueError, match="--ep=3 is invalid"):  # raised in the parent, nothing spawned
+        cli_train_ep(nproc=2, ep=3, **kw)
+    with pytest.raises(ValueError, match="--nproc=0 is invalid"):
+        cli_train_ep(nproc=0, ep=None, **kw)
     assert Placement.contiguous(8, 2).rank_E == (0, 0, 0, 0, 1, 1, 1, 1)
     assert Placement.contiguous(7, 3).n_local() == [3, 2, 2]
     assert Placement.from_map({0: 1, 1: 0, 2: 1}, n_experts=3, world_size=2).order() == [1, 0, 2]
@@ -260,7 +268,14 @@ def _train_worker(rank, world, runs, out):
     losses = []
     for i, (model_cfg, cfg) in enumerate(runs):
         t = ep_trainer(model_cfg, cfg, f"{out}/run{i}")
-        losses.append([t.train_step()["loss"] for _ in range(cfg.steps)])
+        recs = [t.train_step() for _ in range(cfg.steps)]
+        losses.append([r["loss"] for r in recs])
+        a2a, E, D = recs[-1]["a2a"], model_cfg.moe.n_experts, model_cfg.d_model
+        for lay in range(len(a2a["tokens_sent"][0])):  # traffic log: rows conserved, bytes by formula
+            sent, recv = ([a2a[f][r][lay] for r in range(world)] for f in ("tokens_sent", "tokens_recv"))
+            assert sum(sent) == sum(recv) > 0
+            L = E // world
+            assert a2a["bytes_sent"][rank][lay] == cfg.grad_accum * 8 * (E - L) + (sent[rank] + recv[rank]) * D * 4
         t.save_checkpoint()
         dist.barrier()
         if rank == 0:
