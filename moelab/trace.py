@@ -182,16 +182,26 @@ def moe_layers(model: nn.Module) -> list[nn.Module]:
 
 @contextmanager
 def record_moelab(model: nn.Module) -> Iterator[list[list]]:
-    """Record the routing each MoELayer actually used: yields per-layer lists of Routing records."""
+    """Record each MoELayer's router output (its choice, before capacity drops and before special experts are
+    split off; the point `replay_moelab` feeds back): yields per-layer lists of Routing records."""
     layers = moe_layers(model)
     records: list[list] = [[] for _ in layers]
-    hooks = [m.register_forward_hook(lambda mod, a, out, l=l: records[l].append(out.routing))
-             for l, m in enumerate(layers)]
+
+    def recorder(rec: list):
+        def fn(routing):
+            rec.append(routing._replace(**{k: getattr(routing, k).detach() for k in routing._fields}))
+            return routing
+        return fn
+
+    for l, m in enumerate(layers):
+        if m.routing_override is not None:
+            raise ValueError(f"MoE layer {l} is already being recorded or replayed")
+        m.routing_override = recorder(records[l])
     try:
         yield records
     finally:
-        for h in hooks:
-            h.remove()
+        for m in layers:
+            m.routing_override = None
 
 
 @contextmanager
@@ -259,10 +269,12 @@ def trace_moelab(model: nn.Module, wins: list, domains: list[str], *, batch_size
     w = [torch.cat([r.weight_TK.float().cpu() for r in recs]) for recs in rec]
     lg = [torch.cat([r.logits_TE.float().cpu() for r in recs]) for recs in rec]
     S = len(ids_all[0])
-    layer0 = moe_layers(model)[0]
+    cfg = moe_layers(model)[0].cfg
+    n_routes = lg[0].shape[1]  # E routed + special (null/zero/copy/const) experts, which trace as E..
     return _trace_from(idx, w, lg, ids_all, [np.full(S, i) for i in range(len(wins))],
-                       [np.arange(S)] * len(wins), [np.full(S, d) for d, _ in wins], domains,
-                       layer0.cfg.n_experts, {}, {"source": "moelab", **(meta or {})}, logits)
+                       [np.arange(S)] * len(wins), [np.full(S, d) for d, _ in wins], domains, n_routes, {},
+                       {"source": "moelab", "router": cfg.router, "n_routed_experts": cfg.n_experts,
+                        "recorded": "router output, before capacity drops", **(meta or {})}, logits)
 
 
 @torch.no_grad()

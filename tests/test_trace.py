@@ -30,28 +30,32 @@ class TinyLM(nn.Module):
 
 CFGS = [MoEConfig(d_model=16, d_expert=32, n_experts=6, top_k=2),
         MoEConfig(d_model=16, d_expert=32, n_experts=8, top_k=3, router="sigmoid_group", n_group=2, topk_group=1,
-                  n_shared=1, routed_scaling_factor=2.5, expert_impl="loop")]
+                  n_shared=1, routed_scaling_factor=2.5, expert_impl="loop"),
+        MoEConfig(d_model=16, d_expert=32, n_experts=6, top_k=2, router="moepp", n_zero=1, n_copy=1, n_const=1,
+                  capacity_factor=1.0)]
 
 
 def _docs():
     return [("code", list(b"def f(x):\n    return x + 1\n" * 3)), ("prose", list(b"The cat sat on the mat. " * 4))]
 
 
-@pytest.mark.parametrize("cfg", CFGS, ids=["topk", "sigmoid_group"])
+@pytest.mark.parametrize("cfg", CFGS, ids=["topk", "sigmoid_group", "moepp_capacity"])
 def test_trace_moelab_matches_layer_routing_and_replay_is_exact(cfg, tmp_path):
     torch.manual_seed(0)
     model = TinyLM(cfg).eval()
     domains, wins = windows(_docs(), seq_len=16, max_tokens=96)
     tr = trace_moelab(model, wins, domains, batch_size=2)
-    assert tr.n_layers == 2 and tr.top_k == cfg.top_k and tr.n_experts == cfg.n_experts
+    assert tr.n_layers == 2 and tr.top_k == cfg.top_k and tr.n_experts == cfg.n_experts + cfg.n_special
     assert tr.n_tokens == 16 * len(wins) and set(tr.domain_N.tolist()) == {0, 1}
+    if cfg.n_special:  # special experts trace as E..E+n_special-1, and the replay below must reproduce them
+        assert (tr.expert_idx_LNK >= cfg.n_experts).any()
     # independent: run each window alone, recompute the router by hand for layer 0 (top-k of its logits)
     ids = torch.tensor(wins[0][1])[None]
     with torch.no_grad():
         x0 = model.emb(ids).reshape(-1, cfg.d_model)
         logits_TE = x0 @ model.layers[0].gate.weight.T
     assert np.allclose(tr.logits_LNE[0, :16], logits_TE.numpy(), atol=5e-3)  # float16 storage
-    if cfg.router == "topk":
+    if cfg.router in ("topk", "moepp"):
         want = torch.topk(logits_TE, cfg.top_k, dim=-1).indices.sort(-1).values.numpy()
         assert np.array_equal(np.sort(tr.expert_idx_LNK[0, :16], -1), want)
     # round trip through the file, then replay: same outputs exactly
@@ -91,13 +95,19 @@ def test_replay_errors_are_clear():
             pass
 
 
-def test_record_gives_the_routing_the_layer_used():
+def test_record_gives_the_router_choice_before_capacity():
     torch.manual_seed(0)
     layer = MoELayer(CFGS[0]).eval()
     x = torch.randn(5, 16)
     with torch.no_grad(), record_moelab(layer) as rec:
         r = layer(x)
     assert torch.equal(rec[0][0].expert_idx_TK, r.routing.expert_idx_TK)
+    tight = MoELayer(CFGS[0].replace(capacity_factor=0.5)).eval()
+    with torch.no_grad(), record_moelab(tight) as rec:
+        r = tight(torch.randn(12, 16))
+    got, used = rec[0][0].expert_idx_TK, r.routing.expert_idx_TK
+    assert (got >= 0).all() and (used == -1).any()  # drops happen after the recorded router choice
+    assert torch.equal(torch.where(used >= 0, got, -1), used)
 
 
 def _arrays(tr: Trace):
