@@ -11,7 +11,7 @@ call, and the raw logits at the router's output. The only per-family knowledge i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 import torch
 from torch import Tensor, nn
@@ -126,7 +126,7 @@ class HFRecorder:
         self._lg: list[list[Tensor]] = [[] for _ in self.blocks]
         self._handles: list = []
 
-    def __enter__(self) -> "HFRecorder":
+    def __enter__(self) -> Self:
         for layer, b in enumerate(self.blocks):
             experts = getattr(b.module, b.adapter.experts)
             self._handles.append(experts.register_forward_pre_hook(self._on_experts(layer), with_kwargs=True))
@@ -182,7 +182,7 @@ class HFReplay:
         self.cursors = cursors
         self._handles: list = []
 
-    def __enter__(self) -> "HFReplay":
+    def __enter__(self) -> Self:
         for layer, b in enumerate(self.blocks):
             experts = getattr(b.module, b.adapter.experts)
             self._handles.append(experts.register_forward_pre_hook(self._on_experts(layer), with_kwargs=True))

@@ -34,7 +34,7 @@ def _plt():
 
 
 def _pick(n: int) -> list[int]:
-    return sorted({int(round(i)) for i in np.linspace(0, n - 1, min(n, MAX_PANELS))}) if n else []
+    return sorted({round(i) for i in np.linspace(0, n - 1, min(n, MAX_PANELS))}) if n else []
 
 
 def plot_load(s: analysis.Summary, path: Path) -> Path:
@@ -167,8 +167,8 @@ def write_report(trace: Trace, out: str | Path, top_layer: int | None = None) ->
     meta = {k: v for k, v in trace.meta.items() if isinstance(v, (str, int, float))}
     info = (f"{trace.n_tokens} tokens, {len(np.unique(trace.seq_ids_N))} sequences, {L} MoE layers, "
             f"E={E} experts, k={K}, domains: {', '.join(trace.domains)}")
-    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>moelab routing report</title>"
-             f"<style>{_CSS}</style></head><body>",
+    parts = [(f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>moelab routing report</title>"
+             f"<style>{_CSS}</style></head><body>"),
              "<h1>Routing report</h1>", f"<p>{html.escape(info)}</p>",
              f"<p class=\"meta\">{html.escape(json.dumps(meta))}</p>",
              "<h2>Summary per layer</h2>", _table(head, rows),

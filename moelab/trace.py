@@ -7,10 +7,10 @@ a trace can be replayed so a model uses the recorded experts instead of its rout
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ class Trace:
             return self.vocab[int(token_id)]
         return bytes([int(token_id)]).decode("latin-1") if 0 <= token_id < 256 else f"#{int(token_id)}"
 
-    def validate(self) -> "Trace":
+    def validate(self) -> Trace:
         """Raise ValueError naming the field if shapes, dtypes or ranges are inconsistent."""
         idx, w = self.expert_idx_LNK, self.weight_LNK
         if idx.ndim != 3:
@@ -87,13 +87,14 @@ class Trace:
         self.validate()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        arrays = dict(version=np.array(TRACE_VERSION), expert_idx_LNK=self.expert_idx_LNK.astype(np.int16),
-                      weight_LNK=self.weight_LNK.astype(np.float32), token_ids_N=self.token_ids_N.astype(np.int32),
-                      seq_ids_N=self.seq_ids_N.astype(np.int32), positions_N=self.positions_N.astype(np.int32),
-                      domain_N=self.domain_N.astype(np.int16), domains=np.array(self.domains, dtype=np.str_),
-                      meta=np.array(json.dumps({**self.meta, "n_experts": self.n_experts})),
-                      vocab_ids=np.array(sorted(self.vocab), dtype=np.int64),
-                      vocab_text=np.array([self.vocab[i] for i in sorted(self.vocab)], dtype=np.str_))
+        arrays = {
+            "version": np.array(TRACE_VERSION), "expert_idx_LNK": self.expert_idx_LNK.astype(np.int16),
+            "weight_LNK": self.weight_LNK.astype(np.float32), "token_ids_N": self.token_ids_N.astype(np.int32),
+            "seq_ids_N": self.seq_ids_N.astype(np.int32), "positions_N": self.positions_N.astype(np.int32),
+            "domain_N": self.domain_N.astype(np.int16), "domains": np.array(self.domains, dtype=np.str_),
+            "meta": np.array(json.dumps({**self.meta, "n_experts": self.n_experts})),
+            "vocab_ids": np.array(sorted(self.vocab), dtype=np.int64),
+            "vocab_text": np.array([self.vocab[i] for i in sorted(self.vocab)], dtype=np.str_)}
         if self.logits_LNE is not None:
             arrays["logits_LNE"] = self.logits_LNE.astype(np.float16)
         with open(path, "wb") as f:

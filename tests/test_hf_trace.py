@@ -6,33 +6,33 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from moelab.hf import HF_ADAPTERS, HFRecorder, HFReplay, moe_blocks  # noqa: E402
-from moelab.trace import RoutingCursor, load_trace, trace_hf  # noqa: E402
+from moelab.hf import HF_ADAPTERS, HFRecorder, HFReplay, moe_blocks
+from moelab.trace import RoutingCursor, load_trace, trace_hf
 
 E, K, V = 4, 2, 64
-_BASE = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, moe_intermediate_size=16,
-             num_experts_per_tok=K, num_experts=E, num_local_experts=E, n_routed_experts=E, n_shared_experts=1,
-             shared_expert_intermediate_size=16, first_k_dense_replace=0, n_group=1, topk_group=1,
-             num_dense_layers=0, moe_k=K, moe_num_experts=E, moe_layer_start_index=0, moe_topk=K,
-             num_shared_experts=1, moe_num_shared_experts=1, pad_token_id=0, kv_lora_rank=8, q_lora_rank=8,
-             qk_rope_head_dim=4, v_head_dim=8, qk_nope_head_dim=4)
+_BASE = {"vocab_size": V, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 64, "moe_intermediate_size": 16,
+             "num_experts_per_tok": K, "num_experts": E, "num_local_experts": E, "n_routed_experts": E, "n_shared_experts": 1,
+             "shared_expert_intermediate_size": 16, "first_k_dense_replace": 0, "n_group": 1, "topk_group": 1,
+             "num_dense_layers": 0, "moe_k": K, "moe_num_experts": E, "moe_layer_start_index": 0, "moe_topk": K,
+             "num_shared_experts": 1, "moe_num_shared_experts": 1, "pad_token_id": 0, "kv_lora_rank": 8, "q_lora_rank": 8,
+             "qk_rope_head_dim": 4, "v_head_dim": 8, "qk_nope_head_dim": 4}
 # Per-family fixes to the shared tiny config (test data only; the library has no per-family branches).
 _EXTRA = {
-    "deepseek_v3": dict(head_dim=4, n_group=2, topk_group=1),  # group-limited routing, 2 experts per group
-    "deepseek_v2": dict(head_dim=4),
-    "jamba": dict(expert_layer_period=1, expert_layer_offset=0, attn_layer_period=1, attn_layer_offset=0),
-    "qwen3_next": dict(layer_types=["full_attention", "full_attention"]),
-    "lfm2_moe": dict(layer_types=["full_attention", "full_attention"]),
-    "minimax": dict(layer_types=["full_attention", "full_attention"]),
-    "exaone_moe": dict(layer_types=["full_attention", "full_attention"], mlp_layer_types=["sparse", "sparse"]),
-    "afmoe": dict(layer_types=["full_attention", "full_attention"]),
-    "gpt_oss": dict(layer_types=["full_attention", "full_attention"]),
-    "qwen2_moe": dict(layer_types=["full_attention", "full_attention"]),
-    "dots1": dict(layer_types=["full_attention", "full_attention"]),
-    "granitemoehybrid": dict(layer_types=["attention", "attention"], mamba_n_heads=4, mamba_d_head=16),
+    "deepseek_v3": {"head_dim": 4, "n_group": 2, "topk_group": 1},  # group-limited routing, 2 experts per group
+    "deepseek_v2": {"head_dim": 4},
+    "jamba": {"expert_layer_period": 1, "expert_layer_offset": 0, "attn_layer_period": 1, "attn_layer_offset": 0},
+    "qwen3_next": {"layer_types": ["full_attention", "full_attention"]},
+    "lfm2_moe": {"layer_types": ["full_attention", "full_attention"]},
+    "minimax": {"layer_types": ["full_attention", "full_attention"]},
+    "exaone_moe": {"layer_types": ["full_attention", "full_attention"], "mlp_layer_types": ["sparse", "sparse"]},
+    "afmoe": {"layer_types": ["full_attention", "full_attention"]},
+    "gpt_oss": {"layer_types": ["full_attention", "full_attention"]},
+    "qwen2_moe": {"layer_types": ["full_attention", "full_attention"]},
+    "dots1": {"layer_types": ["full_attention", "full_attention"]},
+    "granitemoehybrid": {"layer_types": ["attention", "attention"], "mamba_n_heads": 4, "mamba_d_head": 16},
 }
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "gpt_oss", "granitemoe",
             "granitemoeshared", "phimoe", "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "minimax", "dots1",
@@ -42,9 +42,9 @@ FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepse
 
 
 _NESTED = {  # families whose config nests the MoE settings
-    "dbrx": dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=V,
-                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
-                 ffn_config=dict(ffn_hidden_size=16, moe_num_experts=E, moe_top_k=K)),
+    "dbrx": {"d_model": 32, "n_heads": 4, "n_layers": 2, "max_seq_len": 64, "vocab_size": V,
+                 "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+                 "ffn_config": {"ffn_hidden_size": 16, "moe_num_experts": E, "moe_top_k": K}},
 }
 
 
