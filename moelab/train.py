@@ -221,15 +221,15 @@ class Trainer:
         params = [p for p in model.parameters() if p.grad is not None]
         if self.grad_norm is not None:  # sharded experts: every rank clips by the same global norm
             gnorm = self.grad_norm(params)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, gnorm)
-        elif cfg.grad_clip > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
-            gnorm = torch.norm(torch.stack([p.grad.norm() for p in params]))
-        if not torch.isfinite(gnorm):
-            bad = next(n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all())
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if not torch.isfinite(gnorm):  # checked before clipping, which would spread the NaN to every grad
+            # a NaN spreads backwards, to everything before it: blame the last parameter (forward order) hit
+            bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            bad = bad[-1] if bad else "the global norm (overflow)"
             raise NonFiniteError(f"non-finite gradient at step {self.step + 1} in {_layer_of(bad)} ({bad})")
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, gnorm)
         self.opt.step()
         self.bias_update(model)
         self.step += 1

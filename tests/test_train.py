@@ -249,3 +249,19 @@ def test_demo_writes_summary_and_plots(tmp_path):
     assert set(summary["val_loss"]) >= {"code", "prose"}
     for name in ("loss.png", "expert_load.png", "max_vio.png", "specialization.png"):
         assert (run / name).exists()
+
+
+def test_nan_gradient_names_step_and_layer(tmp_path, corpus):
+    tr = Trainer(tiny_model(), train_cfg(), tmp_path / "g", corpus=corpus, verbose=False)
+    calls = [0]
+
+    def poison_grad(g):
+        calls[0] += 1
+        return g * float("nan") if calls[0] >= 2 else g
+
+    tr.model.blocks[0].attn.qkv.weight.register_hook(poison_grad)  # loss and router fine, gradient NaN
+    with pytest.raises(NonFiniteError, match=r"gradient at step 2 in layer 0 \(blocks.0.attn.qkv.weight\)"):
+        tr.fit()
+    ck = list_checkpoints(tmp_path / "g")[-1]
+    assert ck.name == "step_00000001"
+    assert all(torch.isfinite(v).all() for v in load_file(str(ck / "model.safetensors")).values())
