@@ -1,6 +1,7 @@
 """Expert parallelism on CPU: tokens/s of EP=2 (2 gloo processes, 1 thread each) vs 1 process with 2 threads,
 on the tiny model (`presets.tiny`), forward + backward (+ grad sync for EP) on the same global batch; and the
-all-to-all bytes per token. A and B are interleaved (A B A B ...) after warm-up; the median ratio is reported.
+all-to-all bytes per token. Also 1 process x 1 thread, as 2 threads contend badly on a busy 2-core machine.
+The sides are interleaved (A B C A B C ...) after warm-up; median ratios are reported.
 
     python benchmarks/bench_ep.py [--batch 16 --seq 128 --reps 10]
 
@@ -87,7 +88,8 @@ def main() -> None:
     single = MoELM(tiny())
     idx, tgt = _batch(args.batch, args.seq)
 
-    def run_single() -> float:
+    def run_single(threads: int) -> float:
+        torch.set_num_threads(threads)
         t0 = time.perf_counter()
         _step(single, idx, tgt)
         return time.perf_counter() - t0
@@ -98,12 +100,14 @@ def main() -> None:
         res = [res_q.get(timeout=300) for _ in range(world)]
         return max(r[1] for r in res), sum(r[2] for r in res), sum(r[3] for r in res)
 
-    t_single, t_ep = [], []
+    t_single, t_one, t_ep = [], [], []
     for i in range(args.warmup + args.reps):
-        a = run_single()
+        a = run_single(2)
+        c = run_single(1)
         b, bytes_fwd, rows = run_ep()
         if i >= args.warmup:
             t_single.append(a)
+            t_one.append(c)
             t_ep.append(b)
     for q in cmd_qs:
         q.put("stop")
@@ -111,12 +115,13 @@ def main() -> None:
         p.join(timeout=30)
 
     tokens = args.batch * args.seq
-    ratios = [s / e for s, e in zip(t_single, t_ep)]
     res = {
         "tokens_per_step": tokens,
         "single_2threads_tok_per_s": tokens / statistics.median(t_single),
+        "single_1thread_tok_per_s": tokens / statistics.median(t_one),
         "ep2_1thread_tok_per_s": tokens / statistics.median(t_ep),
-        "ep2_over_single_speed_median_ratio": statistics.median(ratios),
+        "ep2_over_single_2threads_speed_median_ratio": statistics.median(s / e for s, e in zip(t_single, t_ep)),
+        "ep2_over_single_1thread_speed_median_ratio": statistics.median(s / e for s, e in zip(t_one, t_ep)),
         "a2a_bytes_per_token_forward": bytes_fwd / tokens,
         "a2a_bytes_per_token_fwd_bwd": 2 * bytes_fwd / tokens,
         "rows_sent_per_token_per_layer": rows / tokens / len(tiny().moe_layers),
