@@ -22,6 +22,12 @@ def expert_counts(trace: Trace) -> np.ndarray:
     return counts_LE
 
 
+def _pair_counts(a: np.ndarray, b: np.ndarray, n_a: int, n_b: int) -> np.ndarray:
+    """Histogram of (a, b) pairs -> (n_a, n_b) float64 (bincount on a * n_b + b)."""
+    flat = a.astype(np.int64) * n_b + b.astype(np.int64)
+    return np.bincount(flat, minlength=n_a * n_b).astype(np.float64).reshape(n_a, n_b)
+
+
 def max_vio(counts_LE: np.ndarray) -> np.ndarray:
     """MaxVio (Wang et al. 2024, arXiv 2408.15664, eq. 7): max_i load_i / mean load - 1, per layer."""
     mean_L = counts_LE.mean(-1)
@@ -56,7 +62,7 @@ def specialization(trace: Trace) -> Specialization:
         idx_NK = trace.expert_idx_LNK[l]
         dom_NK = np.broadcast_to(trace.domain_N[:, None], idx_NK.shape)
         keep = idx_NK >= 0
-        np.add.at(counts_LDE[l], (dom_NK[keep], idx_NK[keep]), 1.0)
+        counts_LDE[l] = _pair_counts(dom_NK[keep], idx_NK[keep], D, E)
     global_LE = counts_LDE.sum(1)
     global_LE = global_LE / np.maximum(global_LE.sum(-1, keepdims=True), 1e-300)
     dist_LDE = counts_LDE / np.maximum(counts_LDE.sum(-1, keepdims=True), 1e-300)
@@ -87,7 +93,7 @@ def affinity(trace: Trace, top: int | None = None) -> Affinity:
         a = np.repeat(a_NK, b_NK.shape[1], axis=1).reshape(-1)
         b = np.tile(b_NK, (1, a_NK.shape[1])).reshape(-1)
         keep = (a >= 0) & (b >= 0)
-        np.add.at(counts[l], (a[keep], b[keep]), 1.0)
+        counts[l] = _pair_counts(a[keep], b[keep], E, E)
     rows = counts.sum(-1, keepdims=True)
     cond = counts / np.maximum(rows, 1e-300)
     kept = np.take_along_axis(counts, np.argsort(-counts, axis=-1, kind="stable")[..., :top], -1).sum((-1, -2))
@@ -135,8 +141,8 @@ def segment_cache_hit_rate(trace: Trace, seg_len: int, cache_size: int) -> np.nd
     for l in range(L):
         idx_NK = trace.expert_idx_LNK[l]
         keep = idx_NK >= 0
-        c_SE = np.zeros((int(seg_N.max(initial=-1)) + 1, E))
-        np.add.at(c_SE, (np.broadcast_to(seg_N[:, None], idx_NK.shape)[keep], idx_NK[keep]), 1.0)
+        c_SE = _pair_counts(np.broadcast_to(seg_N[:, None], idx_NK.shape)[keep], idx_NK[keep],
+                            int(seg_N.max(initial=-1)) + 1, E)
         hits = np.sort(c_SE, axis=-1)[:, ::-1][:, :cache_size].sum()
         out[l] = hits / max(c_SE.sum(), 1.0)
     return out
