@@ -120,6 +120,40 @@ def _analyze(args: argparse.Namespace) -> int:
     return cli_analyze(trace=args.trace, out=args.out)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_moe.py"
+    if not path.exists():
+        raise ValueError(f"benchmark script not found at {path}: run `moelab bench` from a source checkout")
+    spec = importlib.util.spec_from_file_location("bench_moe", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_moe", bench)  # its dataclasses look the module up there
+    spec.loader.exec_module(bench)
+    bench.run(quick=args.quick, rounds=args.rounds, budget_s=args.budget, impl=args.impl, out=args.out,
+              hf=not args.no_hf)
+    return 0
+
+
+def _add_bench_command(sub) -> None:
+    """bench (issue 6): benchmarks/bench_moe.py."""
+    from moelab.config import EXPERT_IMPLS
+    b = sub.add_parser("bench", help="MoE layer speed vs dense-equivalent GEMMs, transformers and the decode floor",
+                       description="Interleaved fp32 2-thread timings of the moelab MoE layer (forward, forward+"
+                                   "backward) vs the dense-equivalent MLP doing the same FLOPs, the transformers "
+                                   "Qwen3-MoE block (eager, grouped_mm), and 8-token decode vs the weight-bandwidth "
+                                   "floor; prints median ratios and writes benchmarks/results/bench_moe.json.")
+    b.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds (smoke test)")
+    b.add_argument("--rounds", type=int, default=9, help="interleaved rounds per measurement (default 9)")
+    b.add_argument("--budget", type=float, default=60.0, help="seconds per shape and mode before stopping early "
+                   "(default 60)")
+    b.add_argument("--impl", default="grouped", choices=list(EXPERT_IMPLS), help="moelab expert path (default "
+                   "grouped)")
+    b.add_argument("--out", help="JSON path (default benchmarks/results/bench_moe.json)")
+    b.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+    b.set_defaults(func=_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moelab", description="Mixture-of-Experts toolkit.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -151,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("trace", help="trace .npz written by `moelab trace`")
     a.add_argument("--out", default="report", help="output folder (default report/)")
     a.set_defaults(func=_analyze)
+    _add_bench_command(sub)
     return p
 
 

@@ -16,44 +16,131 @@ from moelab.routers import Routing
 
 
 class DispatchPlan(NamedTuple):
-    """Where every kept slot came from."""
-    token_S: Tensor     # source token of each sorted slot
-    weight_S: Tensor    # combine weight of each sorted slot
-    counts_E: Tensor    # slots per expert (long), in expert order
+    """Where every row of x_SD came from. Rows are grouped by expert; with padding, every expert has C rows and
+    the padding rows (token 0, weight 0) are computed but never combined."""
+    token_S: Tensor     # source token of each sorted row
+    weight_S: Tensor    # combine weight of each sorted row (0 on padding rows)
+    counts_E: Tensor    # rows per expert (long), in expert order (padding rows included)
     n_tokens: int       # T, rows of the combined output
+    row_TK: Tensor | None = None     # row of x_SD holding each (token, slot), -1 = dropped; enables gather-only paths
+    weight_TK: Tensor | None = None  # combine weight per (token, slot), the tensor the gradient flows to
 
 
-def sort_plan(expert_idx_TK: Tensor, weight_TK: Tensor, n_experts: int) -> DispatchPlan:
-    """Stable sort of the flat slots by expert; slots with expert -1 are left out."""
+def sort_plan(expert_idx_TK: Tensor, weight_TK: Tensor, n_experts: int, max_padding: float = 0.0) -> DispatchPlan:
+    """Stable sort of the flat slots by expert; slots with expert -1 are left out. When padding every expert to
+    the largest count adds at most `max_padding` * S rows, the plan pads (equal counts: one batched GEMM)."""
     T, K = expert_idx_TK.shape
+    E = n_experts
     flat_idx = expert_idx_TK.reshape(-1)
-    keep = flat_idx >= 0
-    slot_S = torch.nonzero(keep).squeeze(1)
-    order_S = torch.argsort(flat_idx[slot_S], stable=True)
-    slot_S = slot_S[order_S]
-    counts_E = torch.bincount(flat_idx[slot_S], minlength=n_experts)
-    return DispatchPlan(slot_S // K, weight_TK.reshape(-1)[slot_S], counts_E, T)
+    key = torch.where(flat_idx >= 0, flat_idx, E)       # dropped slots sort last
+    order = torch.argsort(key, stable=True)
+    counts_all = torch.bincount(key, minlength=E + 1)
+    counts_E = counts_all[:E]
+    S = T * K - int(counts_all[E])                      # the one host sync of the plan
+    slot_S = order[:S]
+    C = int(counts_E.max()) if S else 0
+    row_TK = torch.full((T * K,), -1, dtype=torch.long, device=flat_idx.device)
+    if 0 < S < E * C <= (1 + max_padding) * S:
+        e_S = key[slot_S]
+        start_E = torch.cumsum(counts_E, 0) - counts_E
+        row_S = torch.arange(S, device=slot_S.device) + (e_S * C - start_E[e_S])
+        token_S = torch.zeros(E * C, dtype=torch.long, device=slot_S.device).index_copy_(0, row_S, slot_S // K)
+        weight_S = weight_TK.new_zeros(E * C).index_copy(0, row_S, weight_TK.reshape(-1)[slot_S])
+        counts_E = torch.full_like(counts_E, C)
+    else:
+        row_S = torch.arange(S, device=slot_S.device)
+        token_S, weight_S = slot_S // K, weight_TK.reshape(-1)[slot_S]
+    row_TK = row_TK.index_copy_(0, slot_S, row_S).view(T, K)
+    return DispatchPlan(token_S, weight_S, counts_E, T, row_TK, weight_TK)
+
+
+class _Permute(torch.autograd.Function):
+    """x_SD = x_TD[token_S]; backward gathers each token's K row-gradients and sums them (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, token_S: Tensor, row_TK: Tensor) -> Tensor:
+        ctx.save_for_backward(row_TK)
+        ctx.any_dropped = bool((row_TK < 0).any())
+        return x_TD.index_select(0, token_S)
+
+    @staticmethod
+    def backward(ctx, g_SD: Tensor):
+        (row_TK,) = ctx.saved_tensors
+        T, K = row_TK.shape
+        if g_SD.shape[0] == 0:
+            return g_SD.new_zeros(T, g_SD.shape[1]), None, None
+        g_TKD = g_SD.index_select(0, row_TK.clamp_min(0).reshape(-1)).view(T, K, -1)
+        if ctx.any_dropped:
+            g_TKD = g_TKD.masked_fill_((row_TK < 0).unsqueeze(-1), 0.0)
+        return g_TKD.sum(1), None, None
+
+
+class _Unpermute(torch.autograd.Function):
+    """y_TD = sum_k w_TK * y_SD[row_TK] as one gather + one batched GEMM; backward writes each row's gradient
+    once (index_copy: rows are unique) and gets the weight gradient from the saved gathered rows."""
+
+    @staticmethod
+    def forward(ctx, y_SD: Tensor, weight_TK: Tensor, row_TK: Tensor) -> Tensor:
+        T, K = row_TK.shape
+        dropped_TK = row_TK < 0
+        if y_SD.shape[0] == 0:  # everything dropped
+            y_TKD = y_SD.new_zeros(T, K, y_SD.shape[1])
+        else:
+            y_TKD = y_SD.index_select(0, row_TK.clamp_min(0).reshape(-1)).view(T, K, -1)
+        w_TK = weight_TK.masked_fill(dropped_TK, 0.0).to(y_SD.dtype)
+        ctx.save_for_backward(y_TKD, w_TK, row_TK)
+        ctx.n_rows, ctx.weight_dtype = y_SD.shape[0], weight_TK.dtype
+        return torch.bmm(w_TK.unsqueeze(1), y_TKD).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, g_TD: Tensor):
+        y_TKD, w_TK, row_TK = ctx.saved_tensors
+        T, K, D = y_TKD.shape
+        S = ctx.n_rows
+        g_y = g_w = None
+        if ctx.needs_input_grad[0]:
+            g_TKD = w_TK.unsqueeze(-1) * g_TD.unsqueeze(1)
+            rows = torch.where(row_TK < 0, S, row_TK).reshape(-1)  # dropped slots write the spare row S
+            g_y = g_TD.new_empty(S + 1, D).index_copy_(0, rows, g_TKD.view(T * K, D))
+            unwritten = torch.ones(S + 1, dtype=torch.bool, device=rows.device).index_fill_(0, rows, False)
+            g_y = g_y.index_fill_(0, unwritten.nonzero().squeeze(1), 0.0)[:S]  # padding rows: zero gradient
+        if ctx.needs_input_grad[1]:
+            g_w = torch.bmm(y_TKD, g_TD.unsqueeze(-1)).squeeze(-1).masked_fill_(row_TK < 0, 0.0)
+            g_w = g_w.to(ctx.weight_dtype)
+        return g_y, g_w, None
 
 
 def permute(x_TD: Tensor, plan: DispatchPlan) -> Tensor:
-    return x_TD.index_select(0, plan.token_S)
+    """Rows of x_TD in expert order (x_SD)."""
+    if plan.row_TK is None:
+        return x_TD.index_select(0, plan.token_S)
+    return _Permute.apply(x_TD, plan.token_S, plan.row_TK)
 
 
 def unpermute(y_SD: Tensor, plan: DispatchPlan) -> Tensor:
-    """Weighted scatter-add of the expert outputs back to their tokens."""
+    """Weighted sum of each token's expert outputs back in token order (padding rows ignored)."""
+    if plan.row_TK is None or plan.weight_TK is None:
+        return unpermute_scatter(y_SD, plan)
+    return _Unpermute.apply(y_SD, plan.weight_TK, plan.row_TK)
+
+
+def unpermute_scatter(y_SD: Tensor, plan: DispatchPlan) -> Tensor:
+    """Loop-free twin of `unpermute`: weighted scatter-add of the expert outputs back to their tokens."""
     y_SD = y_SD * plan.weight_S.to(y_SD.dtype).unsqueeze(1)
     out_TD = y_SD.new_zeros(plan.n_tokens, y_SD.shape[1])
     return out_TD.index_add(0, plan.token_S, y_SD)
 
 
 class LocalDispatcher:
-    """Single-process dispatcher: every expert lives here."""
+    """Single-process dispatcher: every expert lives here. Pads experts to equal counts when that costs at most
+    `max_padding` extra rows (then the experts run as one batched GEMM)."""
 
-    def __init__(self, n_experts: int):
+    def __init__(self, n_experts: int, max_padding: float = 0.25):
         self.n_experts = n_experts
+        self.max_padding = max_padding
 
     def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, DispatchPlan]:
-        plan = sort_plan(routing.expert_idx_TK, routing.weight_TK, self.n_experts)
+        plan = sort_plan(routing.expert_idx_TK, routing.weight_TK, self.n_experts, self.max_padding)
         return permute(x_TD, plan), plan.counts_E, plan
 
     def combine(self, y_SD: Tensor, plan: DispatchPlan) -> Tensor:

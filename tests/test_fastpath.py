@@ -9,8 +9,8 @@ import torch
 
 from moelab.config import MoEConfig
 from moelab.dispatch import (LocalDispatcher, apply_capacity, experts_reference_forward, permute, sort_plan,
-                             unpermute)
-from moelab.experts import EXPERT_IMPLS, Experts, experts_loop, grouped_mm_available
+                             unpermute, unpermute_scatter)
+from moelab.experts import EXPERT_IMPLS, Experts, activate, experts_loop, grouped_mm_available, swiglu_reference
 from moelab.moe import MoELayer
 from moelab.routers import Routing
 
@@ -83,21 +83,54 @@ DISPATCH_CASES = [(32, 8, 2, 16, 12, 0.0), (17, 4, 1, 8, 8, 0.0), (9, 4, 4, 16, 
                   (24, 8, 3, 12, 20, 0.3), (13, 5, 5, 7, 9, 0.2), (1, 16, 16, 8, 4, 0.0)]
 
 
-@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("impl,max_padding", [(impl, 0.0) for impl in FAST] + [("grouped", 10.0)])
 @pytest.mark.parametrize("T,E,K,D,F,drop", DISPATCH_CASES)
-def test_dispatch_experts_combine_match_reference(impl, T, E, K, D, F, drop):
+def test_dispatch_experts_combine_match_reference(impl, max_padding, T, E, K, D, F, drop):
+    """max_padding 0: compact rows; 10: every expert padded to the largest count (equal blocks)."""
     gen = torch.Generator().manual_seed(T * 10 + E)
     routing = _random_routing(T, E, K, gen, drop)
     experts = Experts(E, D, F)
     x_TD = torch.randn(T, D, generator=gen, requires_grad=True)
     params = [x_TD, routing.weight_TK, experts.w_up_EDH, experts.w_down_EFD]
     want = experts_reference_forward(x_TD, routing, experts.expert, E)
-    disp = LocalDispatcher(E)
+    disp = LocalDispatcher(E, max_padding=max_padding)
     x_SD, counts_E, plan = disp.dispatch(x_TD, routing)
-    assert int(counts_E.sum()) == int((routing.expert_idx_TK >= 0).sum())
+    n_kept = int((routing.expert_idx_TK >= 0).sum())
+    assert int(counts_E.sum()) == x_SD.shape[0] and (x_SD.shape[0] == n_kept if max_padding == 0 else True)
+    if max_padding == 10.0 and n_kept:
+        assert counts_E.min() == counts_E.max() and x_SD.shape[0] >= n_kept
     got = disp.combine(experts(x_SD, counts_E, impl), plan)
     torch.testing.assert_close(got, want, **TOL)
     for a, b in zip(_grads(got, params), _grads(want, params)):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("shape", [(7, 12), (0, 8), (1, 2)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_swiglu_function_matches_autograd_formula(shape, transposed):
+    h = torch.randn(shape[::-1]).t() if transposed else torch.randn(shape)
+    h.requires_grad_()
+    g = torch.randn(shape[0], shape[1] // 2)
+    got, want = activate(h, "swiglu"), swiglu_reference(h)
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(torch.autograd.grad(got, h, g)[0], torch.autograd.grad(want, h, g)[0], **TOL)
+    with torch.no_grad():
+        torch.testing.assert_close(activate(h, "swiglu"), want, **TOL)
+
+
+@pytest.mark.parametrize("max_padding", [0.0, 10.0])
+@pytest.mark.parametrize("T,E,K,drop", [(20, 6, 2, 0.0), (11, 4, 3, 0.4), (1, 3, 3, 0.0), (4, 4, 1, 1.0)])
+def test_gather_unpermute_matches_scatter_twin(max_padding, T, E, K, drop):
+    """The gather + batched-GEMM combine and its backward equal the weighted scatter-add (index_add) twin,
+    including everything dropped."""
+    gen = torch.Generator().manual_seed(T + K)
+    routing = _random_routing(T, E, K, gen, drop)
+    plan = sort_plan(routing.expert_idx_TK, routing.weight_TK, E, max_padding)
+    x_TD = torch.randn(T, 5, generator=gen, requires_grad=True)
+    got = unpermute(permute(x_TD, plan) * 2.0 + 1.0, plan)
+    want = unpermute_scatter(permute(x_TD, plan) * 2.0 + 1.0, plan)
+    torch.testing.assert_close(got, want, **TOL)
+    for a, b in zip(_grads(got, [x_TD, routing.weight_TK]), _grads(want, [x_TD, routing.weight_TK])):
         torch.testing.assert_close(a, b, **TOL)
 
 
