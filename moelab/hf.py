@@ -25,6 +25,8 @@ class HFAdapter:
     router: str                 # attribute of the block holding the router / gate module
     logits_at: int | None = 0   # index of the raw logits in the router's output tuple; None = the output is the logits
     experts: str = "experts"    # attribute of the experts module, called as experts(x_TD, expert_idx_TK, weight_TK)
+    dense_at: int | None = None  # Llama-4 style: index of dense (T, E) combine scores (0 = not chosen) in the
+    #                              router's output; routing is then read and replayed there, k = router.top_k
 
 
 _GATE = HFAdapter(router="gate")
@@ -65,6 +67,7 @@ HF_ADAPTERS: dict[str, HFAdapter] = {  # HF MoE block class name -> where its ro
     "JambaSparseMoeBlock": _ROUTER,
     "AfmoeSparseMoeBlock": _ROUTER,
     "DbrxFFN": HFAdapter(router="router", logits_at=None),
+    "Llama4TextMoe": HFAdapter(router="router", logits_at=1, dense_at=0),
 }
 
 
@@ -105,6 +108,15 @@ def _split_call(args: tuple, kwargs: dict, where: str) -> tuple[Tensor, Tensor, 
     return args[0], args[1], args[2]
 
 
+def _from_dense(dense_TE: Tensor, router: nn.Module, where: str) -> tuple[Tensor, Tensor]:
+    """Chosen experts and weights from dense combine scores (zero where not chosen), k = router.top_k."""
+    k = getattr(router, "top_k", None)
+    if not (isinstance(k, int) and 1 <= k <= dense_TE.shape[-1]):
+        raise ValueError(f"{where}: router.top_k={k!r} is invalid: allowed an integer 1..{dense_TE.shape[-1]}")
+    w_TK, idx_TK = torch.topk(dense_TE.detach().reshape(-1, dense_TE.shape[-1]), k, dim=-1)
+    return idx_TK.long(), w_TK
+
+
 class LayerRouting(NamedTuple):
     """One MoE block, one or more forward calls concatenated."""
     expert_idx_TK: Tensor        # long, chosen experts
@@ -128,10 +140,13 @@ class HFRecorder:
 
     def __enter__(self) -> Self:
         for layer, b in enumerate(self.blocks):
-            experts = getattr(b.module, b.adapter.experts)
-            self._handles.append(experts.register_forward_pre_hook(self._on_experts(layer), with_kwargs=True))
+            router = getattr(b.module, b.adapter.router)
+            if b.adapter.dense_at is None:
+                experts = getattr(b.module, b.adapter.experts)
+                self._handles.append(experts.register_forward_pre_hook(self._on_experts(layer), with_kwargs=True))
+            else:
+                self._handles.append(router.register_forward_hook(self._on_dense(layer)))
             if self.logits:
-                router = getattr(b.module, b.adapter.router)
                 self._handles.append(router.register_forward_hook(self._on_router(layer)))
         return self
 
@@ -145,6 +160,13 @@ class HFRecorder:
             _, idx_TK, w_TK = _split_call(args, kwargs, self.blocks[layer].name)
             self._idx[layer].append(idx_TK.detach().reshape(-1, idx_TK.shape[-1]).long().cpu())
             self._w[layer].append(w_TK.detach().reshape(-1, w_TK.shape[-1]).float().cpu())
+        return hook
+
+    def _on_dense(self, layer: int):
+        def hook(mod, args, out):
+            idx_TK, w_TK = _from_dense(out[self.blocks[layer].adapter.dense_at], mod, self.blocks[layer].name)
+            self._idx[layer].append(idx_TK.cpu())
+            self._w[layer].append(w_TK.float().cpu())
         return hook
 
     def _on_router(self, layer: int):
@@ -184,9 +206,25 @@ class HFReplay:
 
     def __enter__(self) -> Self:
         for layer, b in enumerate(self.blocks):
-            experts = getattr(b.module, b.adapter.experts)
-            self._handles.append(experts.register_forward_pre_hook(self._on_experts(layer), with_kwargs=True))
+            if b.adapter.dense_at is None:
+                experts = getattr(b.module, b.adapter.experts)
+                self._handles.append(experts.register_forward_pre_hook(self._on_experts(layer), with_kwargs=True))
+            else:
+                router = getattr(b.module, b.adapter.router)
+                self._handles.append(router.register_forward_hook(self._on_dense(layer)))
         return self
+
+    def _on_dense(self, layer: int):
+        at = self.blocks[layer].adapter.dense_at
+
+        def hook(mod, args, out):
+            dense_TE = out[at]
+            k = _from_dense(dense_TE, mod, self.blocks[layer].name)[0].shape[1]
+            idx_TK, w_TK = self.cursors[layer].next(dense_TE.shape[0], k=k, where=self.blocks[layer].name)
+            new_TE = torch.zeros_like(dense_TE).scatter_(1, idx_TK.to(dense_TE.device),
+                                                        w_TK.to(dense_TE.device, dense_TE.dtype))
+            return (*out[:at], new_TE, *out[at + 1:])
+        return hook
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:

@@ -38,7 +38,7 @@ FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepse
             "granitemoeshared", "phimoe", "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "minimax", "dots1",
             "flex_olmo", "minimax_m2", "exaone_moe", "afmoe", "qwen3_next", "jamba", "lfm2_moe", "dbrx",
             "bailing_hybrid", "cohere2_moe", "granitemoe_swa", "hy_v3", "kimi_linear",
-            "kolibri1", "laguna", "mellum", "mimo_v2_flash", "solar_open", "granitemoehybrid"]
+            "kolibri1", "laguna", "mellum", "mimo_v2_flash", "solar_open", "granitemoehybrid", "llama4_text"]
 
 
 _NESTED = {  # families whose config nests the MoE settings
@@ -101,7 +101,11 @@ def test_hf_trace_equals_router_topk_and_replay_is_exact(family):
             g_T = s_TGe.topk(2, dim=-1).values.sum(-1).argmax(-1)
             want = (torch.arange(E // 2)[None] + g_T[:, None] * (E // 2)).sort(-1).values
         assert torch.equal(r.expert_idx_TK.sort(-1).values, want), family
-        if not isinstance(o, torch.Tensor) and o[2].dtype in (torch.long, torch.int32, torch.int64):
+        if b.adapter.dense_at is not None:  # Llama-4: weights are the dense scores at the chosen experts
+            dense_TE = o[b.adapter.dense_at].reshape(-1, E).float()
+            torch.testing.assert_close(r.weight_TK, dense_TE.gather(1, r.expert_idx_TK), rtol=0, atol=0)
+            assert ((dense_TE > 0).sum(-1) == K).all()
+        elif not isinstance(o, torch.Tensor) and o[2].dtype in (torch.long, torch.int32, torch.int64):
             torch.testing.assert_close(r.weight_TK, o[1].reshape(-1, K).float(), rtol=0, atol=0)
     # Replaying the model's own routing reproduces its outputs exactly.
     with torch.no_grad(), HFReplay(model, [RoutingCursor(r.expert_idx_TK, r.weight_TK) for r in layers]):
