@@ -304,7 +304,7 @@ def comm_record(model: nn.Module, group=None) -> dict[str, list[list[int]]]:
     {"tokens_sent": [[layer0, layer1, ...] for each rank], ...}. A collective: call it on every rank."""
     _, world = _world(group)
     mine = torch.tensor([list(m.dispatcher.take_comm()) for m in _moe_layers(model) if is_sharded(m)],
-                        dtype=torch.float64).reshape(-1, len(CommStats._fields))
+                        dtype=torch.float64, device=next(model.parameters()).device).reshape(-1, len(CommStats._fields))
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
     return {f: [[int(v) for v in t[:, k].tolist()] for t in every] for k, f in enumerate(CommStats._fields)}
@@ -319,15 +319,12 @@ def sync_grads(model: nn.Module, group=None) -> None:
     _, world = _world(group)
     experts = {id(p) for p in expert_parameters(model)}
     shared = [p for p in model.parameters() if p.requires_grad and id(p) not in experts]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in shared]) \
-        if shared else torch.zeros(0)
-    dist.all_reduce(flat, group=group)  # SUM: gloo has no AVG
-    flat /= world
-    offset = 0
-    for p in shared:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
+    if shared:  # one bucket, one all-reduce
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in shared])
+        dist.all_reduce(flat, group=group)  # SUM: gloo has no AVG
+        flat /= world
+        for p, g in zip(shared, torch.split(flat, [p.numel() for p in shared])):
+            p.grad = g.view_as(p).clone()
     for p in expert_parameters(model):
         if p.grad is not None:
             p.grad /= world
@@ -410,7 +407,7 @@ def global_grad_norm(model: nn.Module, params: list[Tensor], group=None) -> Tens
     """L2 norm of all gradients of the whole (sharded) model: replicated grads once, expert grads summed
     over ranks; identical on every rank, so clipping keeps the replicas equal."""
     experts = {id(p) for p in expert_parameters(model)}
-    zero = torch.zeros((), dtype=torch.float64)
+    zero = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
     rep = sum((p.grad.double().pow(2).sum() for p in params if id(p) not in experts), zero)
     exp = sum((p.grad.double().pow(2).sum() for p in params if id(p) in experts), zero).reshape(1)
     dist.all_reduce(exp, group=group)

@@ -102,8 +102,8 @@ def _check_layer(rank, world, cfg, placement, sizes, loss_kind):
     ids = list(ep.dispatcher.local_experts)
     torch.testing.assert_close(_grad(ep.experts.w_up_EDH), ref.experts.w_up_EDH.grad[ids], **TOL)
     torch.testing.assert_close(_grad(ep.experts.w_down_EFD), ref.experts.w_down_EFD.grad[ids], **TOL)
-    if ids and float(raw_expert_grad.abs().max()) > 0 and world > 1:  # the bug sync_grads guards against
-        assert not torch.allclose(raw_expert_grad, ref.experts.w_up_EDH.grad[ids], **TOL)
+    # before sync_grads the expert grads are W x the reference: the bug the division guards against
+    torch.testing.assert_close(raw_expert_grad, world * ref.experts.w_up_EDH.grad[ids], **TOL)
     for (n, p_ep), (_, p_ref) in zip(ep.named_parameters(), ref.named_parameters()):
         if not n.startswith("experts."):
             torch.testing.assert_close(p_ep.grad, p_ref.grad, **TOL, msg=n)
@@ -190,7 +190,7 @@ def _uneven_placement(world: int, E: int) -> list[int]:
     return [3, 3, 0, 1, 3, 1, 1, 3][:E]  # rank 2 holds none
 
 
-def _worker(rank, world):
+def _worker(rank, world, train_steps: bool):
     counts = {}
     E = 8
     # 1. contiguous placement, global-batch LBL + z-loss, shared expert, mean loss (DP convention)
@@ -204,8 +204,9 @@ def _worker(rank, world):
     # 4. a rank that receives zero rows: the bias keeps every token off the last rank's experts
     _check_zero_recv(rank, world, Placement.contiguous(E, world))
     # 5. a few optimizer steps: no drift, loss-free biases from all-reduced loads, global LBL training
-    _train_steps(rank, world, _cfg(balance="loss_free", bias_update_rate=1e-2), None)
-    _train_steps(rank, world, _cfg(), _uneven_placement(world, E))
+    if train_steps:  # 2 ranks only: keeps the suite fast (the 4-rank run covers the layer checks above)
+        _train_steps(rank, world, _cfg(balance="loss_free", bias_update_rate=1e-2), None)
+        _train_steps(rank, world, _cfg(), _uneven_placement(world, E))
     # 6. a wrong world size raises before any collective (a collective here would hang rank 0 alone)
     if rank == 0:
         with pytest.raises(ValueError, match="world_size"):
@@ -218,7 +219,7 @@ def _worker(rank, world):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ep_layer_matches_single_process(world):
-    res = run_distributed(_worker, world, timeout_s=120)
+    res = run_distributed(_worker, world, args=(world == 2,), timeout_s=120)
     E = 8
     assert sum(r["contiguous"] for r in res) == E
     assert sum(r["uneven"] for r in res) == E
