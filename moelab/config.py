@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 ACTIVATIONS = ("swiglu", "gelu")
 SCORE_ORDERS = ("softmax_topk", "topk_softmax")
 BALANCES = ("aux", "seq", "global", "loss_free", "none")
-EXPERT_IMPLS = ("grouped", "loop", "grouped_mm", "padded")  # keys of experts.EXPERT_IMPLS
+EXPERT_IMPLS = ("grouped", "loop", "grouped_mm", "padded", "sparse")  # keys of experts.EXPERT_IMPLS
 
 
 def _need(ok: bool, field: str, value, allowed: str) -> None:
@@ -39,7 +39,7 @@ class MoEConfig:
     aux_loss_coef: float = 1e-2       # weight of the balance loss chosen by `balance`
     z_loss_coef: float = 0.0          # weight of the router z-loss (ST-MoE); 0 = off
     bias_update_rate: float = 1e-3    # loss_free: u in b_i += u * sign(mean_load - load_i)
-    expert_impl: str = "grouped"      # grouped (auto kernel) | loop (reference) | grouped_mm | padded
+    expert_impl: str = "grouped"      # grouped (auto) | loop (reference) | grouped_mm | padded | sparse
     ec_capacity_factor: float = 2.0   # expert_choice: each expert takes C = ceil(T * this / E) tokens
     ec_eval: str = "topk"             # expert_choice outside training: topk (causal fallback) | expert_choice
     top_p: float = 0.4                # top_p: keep the smallest set of experts whose probability sum >= top_p

@@ -64,6 +64,15 @@ def experts_loop(x_SD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: T
     return torch.cat(out) if out else x_SD.new_zeros(0, w_down_EFD.shape[-1])
 
 
+def experts_sparse(x_SD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor,
+                   activation: str) -> Tensor:
+    """Decode path: one MLP per expert that received rows; experts with none are never touched (no weight
+    read, no kernel launch), so the time tracks the bytes of the selected experts' weights."""
+    blocks = torch.split(x_SD, counts_E.tolist())
+    out = [mlp(xb, w_up_EDH[e], w_down_EFD[e], activation) for e, xb in enumerate(blocks) if xb.shape[0]]
+    return torch.cat(out) if out else x_SD.new_zeros(0, w_down_EFD.shape[-1])
+
+
 class _GroupedMM(torch.autograd.Function):
     """y_S* = x_S? @ w_E??[expert of row], rows grouped by the cumulative offsets offs_E (int32)."""
 
@@ -107,6 +116,8 @@ def experts_grouped(x_SD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD
     S = x_SD.shape[0]
     if S > 0 and max_padding > 0 and E * int(counts_E.max()) <= (1 + max_padding) * S:
         return experts_padded(x_SD, counts_E, w_up_EDH, w_down_EFD, activation)
+    if S < 2 * E:  # decode-sized: most experts get 0-2 rows, touch only the ones that get any
+        return experts_sparse(x_SD, counts_E, w_up_EDH, w_down_EFD, activation)
     if not grouped_mm_available(x_SD, w_up_EDH, w_down_EFD):
         return experts_loop(x_SD, counts_E, w_up_EDH, w_down_EFD, activation)
     offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
@@ -149,7 +160,7 @@ def experts_grouped_mm(x_SD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_
 
 
 EXPERT_IMPLS = {"loop": experts_loop, "grouped": experts_grouped, "grouped_mm": experts_grouped_mm,
-                "padded": experts_padded}
+                "padded": experts_padded, "sparse": experts_sparse}
 
 
 class Experts(nn.Module):

@@ -118,8 +118,10 @@ class MoELayer(nn.Module):
             with torch.no_grad():
                 self.expert_load += counts_E.to(self.expert_load.device)
         n_tok = x_TD.shape[0] if valid_T is None else valid_T.sum()
-        stats = balance.balance_stats(counts_E=counts_E - self._dropped_per_expert(counts_E, routing),
-                                      n_dropped=n_dropped, n_tokens=n_tok)
+        kept_E = counts_E  # no capacity: nothing dropped, skip the second count
+        if cfg.capacity_factor is not None:
+            kept_E = counts_E - self._dropped_per_expert(counts_E, routing)
+        stats = balance.balance_stats(counts_E=kept_E, n_dropped=n_dropped, n_tokens=n_tok)
         return MoEResult(y_TD.reshape(x.shape), aux, losses, stats, routing, router_stats)
 
     def experts_forward(self, x_TD: Tensor, routing: Routing) -> Tensor:
