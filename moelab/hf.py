@@ -248,6 +248,10 @@ def load_hf_causal_lm(path_or_name: str, dtype: str = "float32"):
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"dtype={dtype!r} is invalid: allowed {', '.join(dtypes)}")
-    model = AutoModelForCausalLM.from_pretrained(path_or_name, dtype=dtypes[dtype], local_files_only=True)
-    tok = AutoTokenizer.from_pretrained(path_or_name, local_files_only=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path_or_name, dtype=dtypes[dtype], local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(path_or_name, local_files_only=True)
+    except OSError as e:  # missing folder / files, or a name not in the local cache
+        raise ValueError(f"--hf {path_or_name!r}: no local transformers model there (nothing is downloaded; "
+                         f"give a folder with config.json, weights and tokenizer): {str(e).splitlines()[0]}") from e
     return model.eval(), tok

@@ -107,6 +107,9 @@ def load_trace(path: str | Path) -> Trace:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"trace file {str(path)!r} does not exist")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            raise ValueError(f"trace file {str(path)!r} is not a readable .npz: not a zip archive")
     try:
         z = np.load(path, allow_pickle=False)
     except Exception as e:  # not a zip / not an npz

@@ -140,6 +140,12 @@ def test_trace_hf_file_roundtrip_and_batches(tmp_path):
     assert back.meta["model_class"] == "Qwen3MoeForCausalLM"
 
 
+def test_missing_local_model_is_a_clear_error(tmp_path):
+    from moelab.hf import load_hf_causal_lm
+    with pytest.raises(ValueError, match="no local transformers model"):
+        load_hf_causal_lm(str(tmp_path / "nothing"))
+
+
 def test_unknown_model_lists_supported_blocks():
     with pytest.raises(ValueError, match="MixtralSparseMoeBlock"):
         moe_blocks(torch.nn.Linear(2, 2))
