@@ -8,6 +8,7 @@ from torch import nn
 
 from moelab.config import MoEConfig
 from moelab.moe import MoELayer
+from moelab.routers import ROUTERS
 from moelab.trace import TRACE_VERSION, Trace, load_trace, record_moelab, replay_moelab, trace_moelab, windows
 
 
@@ -23,7 +24,7 @@ class TinyLM(nn.Module):
     def forward(self, ids_BS):
         h = self.emb(ids_BS)
         for layer in self.layers:
-            h = h + layer(h).y
+            h = h + layer(h, token_ids=ids_BS).y
         return self.head(h)
 
 
@@ -76,6 +77,24 @@ def test_trace_moelab_matches_layer_routing_and_replay_is_exact(cfg, tmp_path):
         changed = run()
     assert not torch.allclose(changed, ref)
     assert all(m.routing_override is None for m in model.layers)  # replay is undone
+
+
+_ROUTER_EXTRA = {"sigmoid_group": {"n_group": 2}, "adamoe": {"n_null": 2}, "moepp": {"n_zero": 1, "n_copy": 1}}
+
+
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_replay_exact_for_every_router(router):
+    cfg = MoEConfig(d_model=16, d_expert=32, n_experts=6, top_k=2, router=router, **_ROUTER_EXTRA.get(router, {}))
+    torch.manual_seed(0)
+    model = TinyLM(cfg).eval()
+    domains, wins = windows(_docs(), seq_len=16, max_tokens=64)
+    tr = trace_moelab(model, wins, domains, batch_size=2)
+    ids = torch.tensor(np.stack([w for _, w in wins]))
+    with torch.no_grad():
+        ref = [model(ids[b: b + 2]) for b in range(0, len(wins), 2)]
+        with replay_moelab(model, tr):
+            again = [model(ids[b: b + 2]) for b in range(0, len(wins), 2)]
+    assert all(torch.equal(a, b) for a, b in zip(again, ref))
 
 
 def test_replay_errors_are_clear():
