@@ -165,12 +165,15 @@ def write_report(trace: Trace, out: str | Path, top_layer: int | None = None) ->
     tok_rows = [[str(e), " ".join(f"{_tok(t)}<sub>{c}, {100 * f:.0f}%</sub>" for t, c, f in tt)]
                 for e, tt in enumerate(tops)]
     meta = {k: v for k, v in trace.meta.items() if isinstance(v, (str, int, float))}
+    names = [str(n) for n in trace.meta.get("layer_names", [])]
     info = (f"{trace.n_tokens} tokens, {len(np.unique(trace.seq_ids_N))} sequences, {L} MoE layers, "
             f"E={E} experts, k={K}, domains: {', '.join(trace.domains)}")
     parts = [(f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>moelab routing report</title>"
              f"<style>{_CSS}</style></head><body>"),
              "<h1>Routing report</h1>", f"<p>{html.escape(info)}</p>",
              f"<p class=\"meta\">{html.escape(json.dumps(meta))}</p>",
+             f"<p>MoE layer i is module: {html.escape(', '.join(f'{i}={n}' for i, n in enumerate(names)))}</p>"
+             if names else "",
              "<h2>Summary per layer</h2>", _table(head, rows),
              *[f"<h2>{html.escape(t)}</h2><p><img src=\"{p.name}\" alt=\"{html.escape(t)}\"></p>" for t, p in imgs],
              f"<h2>Top tokens per expert, layer {tl}</h2><p>subscript: times routed to the expert, and the share of that token's occurrences it is</p>",

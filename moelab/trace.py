@@ -184,6 +184,11 @@ def moe_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def _layer_names(model: nn.Module) -> list[str]:
+    from moelab.moe import MoELayer
+    return [n for n, m in model.named_modules() if isinstance(m, MoELayer)]
+
+
 @contextmanager
 def record_moelab(model: nn.Module) -> Iterator[list[list]]:
     """Record each MoELayer's router output (its choice, before capacity drops and before special experts are
@@ -278,7 +283,8 @@ def trace_moelab(model: nn.Module, wins: list, domains: list[str], *, batch_size
     return _trace_from(idx, w, lg, ids_all, [np.full(S, i) for i in range(len(wins))],
                        [np.arange(S)] * len(wins), [np.full(S, d) for d, _ in wins], domains, n_routes, {},
                        {"source": "moelab", "router": cfg.router, "n_routed_experts": cfg.n_experts,
-                        "recorded": "router output, before capacity drops", **(meta or {})}, logits)
+                        "recorded": "router output, before capacity drops", "layer_names": _layer_names(model),
+                        **(meta or {})}, logits)
 
 
 @torch.no_grad()
@@ -301,7 +307,8 @@ def trace_hf(model: nn.Module, wins: list, domains: list[str], *, batch_size: in
                        [r.logits_TE for r in layers], ids_all, [np.full(S, i) for i in range(len(wins))],
                        [np.arange(S)] * len(wins), [np.full(S, d) for d, _ in wins], domains,
                        n_experts_of(moe_blocks(model)[0]),
-                       vocab, {"source": "transformers", "model_class": type(model).__name__, **(meta or {})}, logits)
+                       vocab, {"source": "transformers", "model_class": type(model).__name__,
+                               "layer_names": [b.name for b in moe_blocks(model)], **(meta or {})}, logits)
 
 
 def trace_run(run: str | Path, data: list[str] | None = None, *, seq_len: int = 128, max_tokens: int = 16384,

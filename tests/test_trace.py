@@ -46,6 +46,7 @@ def test_trace_moelab_matches_layer_routing_and_replay_is_exact(cfg, tmp_path):
     domains, wins = windows(_docs(), seq_len=16, max_tokens=96)
     tr = trace_moelab(model, wins, domains, batch_size=2)
     assert tr.n_layers == 2 and tr.top_k == cfg.top_k and tr.n_experts == cfg.n_experts + cfg.n_special
+    assert tr.meta["layer_names"] == ["layers.0", "layers.1"]
     assert tr.n_tokens == 16 * len(wins) and set(tr.domain_N.tolist()) == {0, 1}
     if cfg.n_special:  # special experts trace as E..E+n_special-1, and the replay below must reproduce them
         assert (tr.expert_idx_LNK >= cfg.n_experts).any()
