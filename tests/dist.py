@@ -41,9 +41,9 @@ def _entry(rank, world_size, port, fn, args, out_q, collective_timeout_s, env):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world_size,
-                                timeout=datetime.timedelta(seconds=collective_timeout_s))
+        from moelab.parallel import init_distributed
+        init_distributed(backend="gloo", timeout_s=collective_timeout_s, rank=rank, world_size=world_size,
+                         init_method=f"tcp://127.0.0.1:{port}")
         try:
             out_q.put((rank, "ok", _to_plain(fn(rank, world_size, *args))))
         finally:

@@ -5,6 +5,7 @@ Every rank builds the same full layer (same seed) and the same global batch; ran
 the EP layer and also runs the plain single-process layer on the whole batch as the reference.
 """
 import copy
+import datetime
 
 import pytest
 import torch
@@ -213,6 +214,11 @@ def _worker(rank, world, train_steps: bool):
             EPDispatcher(E, Placement.contiguous(E, world + 1))
         with pytest.raises(ValueError, match="n_experts"):
             shard_moe_layer(MoELayer(_cfg()), list(range(world)) * (E // world - 1))
+    # 7. a collective that one rank never joins times out with an error instead of hanging
+    short = dist.new_group(timeout=datetime.timedelta(seconds=2))
+    if rank == 0:
+        with pytest.raises(RuntimeError, match="(?i)timed? ?out"):
+            dist.all_reduce(torch.ones(1), group=short)
     dist.barrier()
     return {**counts, "n_expert_params": sum(p.numel() for p in expert_parameters(_pair(_cfg(), None)[1]))}
 
@@ -236,6 +242,11 @@ def test_placement_errors_before_any_collective(monkeypatch):
         Placement.from_map([0, 1, 0], n_experts=4, world_size=2)
     with pytest.raises(ValueError, match="outside 0..1"):
         Placement.from_map([0, 1, 2, 0], n_experts=4, world_size=2)
+    from moelab.parallel import init_distributed
+    with pytest.raises(ValueError, match="timeout_s"):
+        init_distributed(timeout_s=0, rank=0, world_size=1)
+    with pytest.raises(ValueError, match="backend='mpi'"):
+        init_distributed(backend="mpi", rank=0, world_size=1)
     with pytest.raises(ValueError, match="init_distributed"):  # no process group: refuse, do not hang
         EPDispatcher(4, Placement.contiguous(4, 2))
     from moelab.parallel import cli_train_ep
