@@ -32,6 +32,7 @@ _EXTRA = {
     "gpt_oss": {"layer_types": ["full_attention", "full_attention"]},
     "qwen2_moe": {"layer_types": ["full_attention", "full_attention"]},
     "dots1": {"layer_types": ["full_attention", "full_attention"]},
+    "kimi_linear": dict(layer_types=["full_attention", "full_attention"], mlp_layer_types=["sparse", "sparse"]),
     "granitemoehybrid": {"layer_types": ["attention", "attention"], "mamba_n_heads": 4, "mamba_d_head": 16},
 }
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "gpt_oss", "granitemoe",
