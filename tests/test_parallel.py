@@ -265,7 +265,7 @@ def test_placement_errors_before_any_collective(monkeypatch):
 def _tiny_lm(balance: str):
     from moelab.model import ModelConfig
     moe = MoEConfig(d_model=32, d_expert=32, n_experts=4, top_k=2, balance=balance, aux_loss_coef=1e-1,
-                    bias_update_rate=1e-2)
+                    bias_update_rate=1e-3)
     return ModelConfig(moe=moe, d_model=32, n_layers=2, n_heads=2, d_dense=64, max_seq_len=32)
 
 
@@ -303,7 +303,9 @@ def _train_worker(rank, world, runs, out):
 
 def test_ep_dp_training_matches_single_process(tmp_path):
     """20 steps of EP=2 x DP=2 on the tiny LM (batch 2 per rank) == one process with batch 4 (1e-4), with
-    clipping active, for global-batch LBL and for loss-free balancing with 2 accumulation micro-batches."""
+    clipping active, for global-batch LBL and for loss-free balancing with 2 accumulation micro-batches.
+    Routing is discrete: if this breaks after an unrelated change to the expert kernels, suspect a near-tie
+    top-k flip (the two sides round differently) before an EP bug -- the layer tests above pin EP at 1e-5."""
     from pathlib import Path
 
     from moelab.train import Trainer, load_model
