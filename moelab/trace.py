@@ -1,7 +1,7 @@
 """Routing traces: who went where, per MoE layer and token, saved as a versioned, validated .npz.
 
 L=MoE layers, N=traced tokens, K=slots per token, E=routed experts.
-Works for moelab models (hooks on `MoELayer`) and transformers models (moelab.hf adapter table);
+Works for moelab models (at `MoELayer.routing_override`) and transformers models (moelab.hf adapter table);
 a trace can be replayed so a model uses the recorded experts instead of its router.
 """
 from __future__ import annotations
@@ -30,8 +30,8 @@ class Trace:
     seq_ids_N: np.ndarray               # int32, which sequence (window) the token belongs to
     positions_N: np.ndarray             # int32, position inside its sequence
     domain_N: np.ndarray                # int16, index into `domains`
-    domains: tuple[str, ...]            # domain label names (e.g. the data file each sequence came from)
-    n_experts: int                      # E, routed experts per layer
+    domains: tuple[str, ...]            # domain label names (the --data folder each sequence came from)
+    n_experts: int                      # E, router outputs per layer (moelab: + null/zero/copy/const experts)
     logits_LNE: np.ndarray | None = None  # float16 raw router logits, optional
     vocab: dict[int, str] = field(default_factory=dict)  # token id -> decoded text, for the ids in the trace
     meta: dict = field(default_factory=dict)  # source, model, top_k, ... (JSON-serialisable)
@@ -213,23 +213,52 @@ def record_moelab(model: nn.Module) -> Iterator[list[list]]:
             m.routing_override = None
 
 
+REPLAY_WEIGHTS = ("recorded", "router")
+_DIFFERENTIABLE = ("topk", "sigmoid_group", "adamoe", "moepp")  # routers whose weights router_weights() re-derives
+
+
+def router_weights(routing, idx_TK: Tensor, cfg) -> Tensor:
+    """Combine weights the router itself would give experts `idx_TK`, differentiable in its logits: the
+    router's scores at those experts, normalised over the k when the router normalises, times
+    routed_scaling_factor (softmax over the k chosen logits == renormalised full softmax). Routing replay
+    with the current policy's gates as in R3 (Ma et al. 2025, arXiv 2510.11370, §3)."""
+    if cfg.router not in _DIFFERENTIABLE:
+        raise ValueError(f"replay weights='router' is invalid for router={cfg.router!r}: allowed routers "
+                         f"{', '.join(_DIFFERENTIABLE)} (or weights='recorded')")
+    keep_TK = idx_TK >= 0
+    w_TK = routing.probs_TE.gather(1, idx_TK.clamp_min(0)) * keep_TK
+    if cfg.renormalize or (cfg.router != "sigmoid_group" and cfg.score_order == "topk_softmax"):
+        w_TK = w_TK / w_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+    return w_TK * cfg.routed_scaling_factor
+
+
 @contextmanager
-def replay_moelab(model: nn.Module, trace: Trace) -> Iterator[None]:
-    """Every MoELayer uses the trace's experts and weights instead of its router (in token order)."""
+def replay_moelab(model: nn.Module, trace: Trace, weights: str = "recorded") -> Iterator[None]:
+    """Every MoELayer uses the trace's experts instead of its router's choice (in token order), with the
+    recorded combine weights (exact replay) or, weights="router", the weights its own router gives those
+    experts now (gradients reach the router; for RL / two-engine consistency)."""
+    if weights not in REPLAY_WEIGHTS:
+        raise ValueError(f"replay weights={weights!r} is invalid: allowed {', '.join(REPLAY_WEIGHTS)}")
     layers = moe_layers(model)
     if len(layers) != trace.n_layers:
         raise ValueError(f"trace has {trace.n_layers} MoE layers, the model has {len(layers)}")
+    bad = sorted({m.cfg.router for m in layers} - set(_DIFFERENTIABLE)) if weights == "router" else []
+    if bad:
+        raise ValueError(f"replay weights='router' is invalid for router(s) {bad}: allowed routers "
+                         f"{', '.join(_DIFFERENTIABLE)} (or weights='recorded')")
     curs = cursors(trace)
 
-    def override(cursor: RoutingCursor, name: str):
+    def override(cursor: RoutingCursor, name: str, cfg):
         def fn(routing):
             idx_TK, w_TK = cursor.next(routing.expert_idx_TK.shape[0], routing.expert_idx_TK.shape[1], name)
-            dev = routing.expert_idx_TK.device
-            return routing._replace(expert_idx_TK=idx_TK.to(dev), weight_TK=w_TK.to(dev, routing.weight_TK.dtype))
+            idx_TK = idx_TK.to(routing.expert_idx_TK.device)
+            w_TK = (router_weights(routing, idx_TK, cfg) if weights == "router"
+                    else w_TK.to(idx_TK.device, routing.weight_TK.dtype))
+            return routing._replace(expert_idx_TK=idx_TK, weight_TK=w_TK)
         return fn
 
     for l, m in enumerate(layers):
-        m.routing_override = override(curs[l], f"MoE layer {l}")
+        m.routing_override = override(curs[l], f"MoE layer {l}", m.cfg)
     try:
         yield
     finally:

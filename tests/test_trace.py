@@ -219,3 +219,34 @@ def test_cli_trace_run_then_analyze(tmp_path, capsys):
     assert (tmp_path / "rep" / "index.html").is_file() and "report:" in capsys.readouterr().out
     assert main(["trace", "--out", str(out)]) == 2  # neither RUN nor --hf: clear error, no traceback
     assert "exactly one of RUN" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cfg", CFGS[:2] + [CFGS[0].replace(score_order="topk_softmax"),
+                                            CFGS[0].replace(renormalize=False)],
+                         ids=["softmax_topk", "sigmoid_group", "topk_softmax", "no_renorm"])
+def test_replay_with_router_weights_matches_and_trains_the_router(cfg):
+    torch.manual_seed(0)
+    model = TinyLM(cfg)
+    domains, wins = windows(_docs(), seq_len=16, max_tokens=32)
+    tr = trace_moelab(model, wins, domains, batch_size=2)
+    ids = torch.tensor(np.stack([w for _, w in wins]))
+    with torch.no_grad():
+        ref = model(ids)
+    # own experts + the router's own weights for them: the same function of the logits as the router's
+    with replay_moelab(model, tr, weights="router"):
+        out = model(ids)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out.square().mean().backward()
+    assert all(layer.gate.weight.grad.abs().sum() > 0 for layer in model.layers)
+    # recorded weights are constants: the LM output gives the router no gradient
+    model.zero_grad()
+    with replay_moelab(model, tr):
+        model(ids).square().mean().backward()
+    assert all(layer.gate.weight.grad is None or layer.gate.weight.grad.abs().sum() == 0 for layer in model.layers)
+    with pytest.raises(ValueError, match="weights"):
+        with replay_moelab(model, tr, weights="both"):
+            pass
+    hashed = TinyLM(CFGS[0].replace(router="hash"))
+    with pytest.raises(ValueError, match="allowed routers"):
+        with replay_moelab(hashed, tr, weights="router"):
+            pass
