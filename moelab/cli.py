@@ -83,8 +83,9 @@ def _add_lm_commands(sub) -> None:
     t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 per rank with --nproc)")
     t.add_argument("--nproc", type=int, help="spawn N local gloo processes for expert x data parallel training "
                    "(--batch-size is per rank; under torchrun the world size is torchrun's)")
-    t.add_argument("--ep", type=int, help="expert-parallel size: experts sharded over this many ranks "
-                   "(must equal the number of processes); rank r writes OUT/rank{r}, OUT gets the merged model")
+    t.add_argument("--ep", type=int, help="expert-parallel size P: experts sharded over blocks of P ranks, "
+                   "N/P copies of each shard (a divisor of N; default N); rank r writes OUT/rank{r}, OUT gets "
+                   "the merged model")
     t.set_defaults(func=_train)
     e = sub.add_parser("eval", help="validation loss per domain of a run vs the unigram baseline",
                        description="Evaluate the latest (or --ckpt) checkpoint of RUN on its validation split.")

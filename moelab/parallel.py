@@ -311,11 +311,12 @@ def comm_record(model: nn.Module, group=None) -> dict[str, list[list[int]]]:
 
 
 # ----------------------------------------------------------------------------- data parallel + balancing
-def sync_grads(model: nn.Module, group=None) -> None:
+def sync_grads(model: nn.Module, group=None, replica_group=None) -> None:
     """Data-parallel gradient sync after backward, for per-rank losses that are means over equal-size
-    local batches (global loss = mean of the rank losses): replicated params get the all-reduced mean;
-    expert params already hold the sum over every rank's loss (the all-to-all backward brought it), so
-    they are divided by W, not all-reduced -- without this they would be W times too large."""
+    local batches (global loss = mean of the W rank losses, W = size of `group`): replicated params get the
+    all-reduced mean; expert params already hold the sum over their EP group's losses (the all-to-all
+    backward brought it), so they are summed over the copies of the same shard (`replica_group`, when
+    EP < W) and divided by W -- without the division they would be EP times too large."""
     _, world = _world(group)
     experts = {id(p) for p in expert_parameters(model)}
     shared = [p for p in model.parameters() if p.requires_grad and id(p) not in experts]
@@ -325,7 +326,13 @@ def sync_grads(model: nn.Module, group=None) -> None:
         flat /= world
         for p, g in zip(shared, torch.split(flat, [p.numel() for p in shared])):
             p.grad = g.view_as(p).clone()
-    for p in expert_parameters(model):
+    local = expert_parameters(model)
+    if replica_group is not None and dist.get_world_size(replica_group) > 1 and local:
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in local])
+        dist.all_reduce(flat, group=replica_group)
+        for p, g in zip(local, torch.split(flat, [p.numel() for p in local])):
+            p.grad = g.view_as(p).clone()
+    for p in local:
         if p.grad is not None:
             p.grad /= world
 
@@ -405,13 +412,28 @@ class RankSlice:
 
 def global_grad_norm(model: nn.Module, params: list[Tensor], group=None) -> Tensor:
     """L2 norm of all gradients of the whole (sharded) model: replicated grads once, expert grads summed
-    over ranks; identical on every rank, so clipping keeps the replicas equal."""
+    over the EP `group` (one full set of experts); identical on every rank, so clipping keeps replicas equal."""
     experts = {id(p) for p in expert_parameters(model)}
     zero = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
     rep = sum((p.grad.double().pow(2).sum() for p in params if id(p) not in experts), zero)
     exp = sum((p.grad.double().pow(2).sum() for p in params if id(p) in experts), zero).reshape(1)
     dist.all_reduce(exp, group=group)
     return (rep + exp[0]).sqrt().float()
+
+
+def ep_groups(ep: int, timeout_s: float = 120.0):
+    """(ep_group, replica_group) for EP x DP with expert replicas: blocks of `ep` consecutive ranks each hold
+    all experts; ranks at the same position in their blocks hold the same shard. (None, None) when ep equals
+    the world size. Collective: every rank must call it, in the same order."""
+    rank, world = _world(None)
+    if not isinstance(ep, int) or ep < 1 or world % ep:
+        raise ValueError(f"ep={ep!r} is invalid: allowed a divisor of the world size {world}")
+    if ep == world:
+        return None, None
+    timeout = datetime.timedelta(seconds=timeout_s)
+    blocks = [dist.new_group(list(range(g * ep, (g + 1) * ep)), timeout=timeout) for g in range(world // ep)]
+    copies = [dist.new_group(list(range(i, world, ep)), timeout=timeout) for i in range(ep)]
+    return blocks[rank // ep], copies[rank % ep]
 
 
 def _all_reduce_sum(t: Tensor, group=None) -> Tensor:
@@ -425,39 +447,41 @@ def _ep_bias_update(model: nn.Module, group=None) -> None:
     reset_global_balance(model)
 
 
-def ep_trainer(model_cfg, cfg, out, *, placement=None, group=None):
-    """A moelab.train.Trainer for EP x DP on this rank: experts sharded (EP over all ranks), the rest
-    replicated with averaged grads (DP), data = this rank's slice of a global batch of W * cfg.batch_size,
-    global-batch LBL / loss-free loads all-reduced, clipping by the global norm. Rank r writes to out/rank{r}."""
+def ep_trainer(model_cfg, cfg, out, *, ep: int | None = None, placement=None, timeout_s: float = 120.0):
+    """A moelab.train.Trainer for EP x DP on this rank. Experts are sharded over blocks of `ep` ranks
+    (default: all W ranks; with ep < W each shard has W/ep copies), the rest is replicated with averaged
+    grads (DP); data = this rank's slice of a global batch of W * cfg.batch_size; global-batch LBL and
+    loss-free loads are all-reduced over all ranks; clipping uses the global norm. Rank r writes out/rank{r}."""
     from moelab.data import build_corpus
     from moelab.train import Trainer
-    rank, world = _world(group)
+    rank, world = _world(None)
+    ep_group, replica_group = ep_groups(ep or world, timeout_s)
     corpus = RankSlice(build_corpus(list(cfg.data), val_fraction=cfg.val_fraction), rank, world)
     t = Trainer(model_cfg, cfg, Path(out) / f"rank{rank}", corpus=corpus, verbose=rank == 0)
-    shard_model(t.model, placement, group)  # same seed on every rank: replicas start equal
-    enable_global_balance(t.model, group)
-    t.grad_sync = partial(sync_grads, group=group)
-    t.reduce_metrics = partial(_all_reduce_sum, group=group)
-    t.bias_update = partial(_ep_bias_update, group=group)
-    t.grad_norm = partial(global_grad_norm, t.model, group=group)
+    shard_model(t.model, placement, ep_group)  # same seed on every rank: replicas start equal
+    enable_global_balance(t.model)
+    t.grad_sync = partial(sync_grads, replica_group=replica_group)
+    t.reduce_metrics = _all_reduce_sum
+    t.bias_update = _ep_bias_update
+    t.grad_norm = partial(global_grad_norm, t.model, group=ep_group)
     if rank == 0:
-        write_ep_meta(t.model, out, world)
+        write_ep_meta(t.model, out, ep or world)
     step = t.train_step
 
     def train_step_with_comm() -> dict:  # the trainer's record + all-to-all traffic per rank per layer
         rec = step()
-        return {**rec, "a2a": comm_record(t.model, group)}
+        return {**rec, "a2a": comm_record(t.model)}
     t.train_step = train_step_with_comm
     return t
 
 
-def write_ep_meta(model: nn.Module, out, world: int) -> None:
-    """out/ep.json: world size and each sharded layer's placement (what merge_ep_run needs)."""
+def write_ep_meta(model: nn.Module, out, ep: int) -> None:
+    """out/ep.json: EP size and each sharded layer's placement (what merge_ep_run needs)."""
     from moelab.moe import MoELayer
     placement = {name: list(m.dispatcher.placement.rank_E) for name, m in model.named_modules()
                  if isinstance(m, MoELayer) and is_sharded(m)}
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "ep.json").write_text(json.dumps({"world_size": world, "placement": placement}, indent=1))
+    (Path(out) / "ep.json").write_text(json.dumps({"ep_size": ep, "placement": placement}, indent=1))
 
 
 def merge_ep_run(out) -> Path:
@@ -468,7 +492,7 @@ def merge_ep_run(out) -> Path:
     from moelab.train import list_checkpoints
     out = Path(out)
     meta = json.loads((out / "ep.json").read_text())
-    shards = [(list_checkpoints(out / f"rank{r}") or [None])[-1] for r in range(meta["world_size"])]
+    shards = [(list_checkpoints(out / f"rank{r}") or [None])[-1] for r in range(meta["ep_size"])]
     if any(s is None for s in shards) or len({s.name for s in shards}) != 1:
         raise ValueError(f"ranks of {out} have no common latest checkpoint: {shards}")
     tensors = [load_file(str(s / "model.safetensors")) for s in shards]
@@ -484,14 +508,15 @@ def merge_ep_run(out) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     save_file(full, str(dst / "model.safetensors"))
     state = json.loads((shards[0] / "state.json").read_text())
-    (dst / "state.json").write_text(json.dumps({**state, "merged_from_ep_ranks": meta["world_size"]}, indent=1))
+    (dst / "state.json").write_text(json.dumps({**state, "merged_from_ep_ranks": meta["ep_size"]}, indent=1))
     for f in ("metrics.jsonl", "summary.json", "config.json"):
         if (out / "rank0" / f).exists():
             shutil.copyfile(out / "rank0" / f, out / f)
     return dst
 
 
-def _ep_train_rank(rank: int | None, world: int, port: int | None, timeout_s: float, kwargs: dict) -> None:
+def _ep_train_rank(rank: int | None, world: int, port: int | None, timeout_s: float, ep: int,
+                   kwargs: dict) -> None:
     """One rank of `moelab train --ep`: spawned (rank, port given) or under torchrun (env)."""
     from moelab.train import cli_train
     if port is not None:
@@ -503,7 +528,7 @@ def _ep_train_rank(rank: int | None, world: int, port: int | None, timeout_s: fl
     try:
         if rank != 0:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 speaks for all
-        cli_train(**kwargs, make_trainer=ep_trainer)
+        cli_train(**kwargs, make_trainer=partial(ep_trainer, ep=ep, timeout_s=timeout_s))
         dist.barrier()  # every rank has written its final checkpoint
         if rank == 0:
             print(f"merged checkpoint: {merge_ep_run(kwargs['out'])}")
@@ -512,26 +537,27 @@ def _ep_train_rank(rank: int | None, world: int, port: int | None, timeout_s: fl
 
 
 def cli_train_ep(*, nproc: int | None, ep: int | None, timeout_s: float = 300.0, **train_kwargs) -> int:
-    """`moelab train --nproc N --ep N ...`: spawn N local gloo processes (or, under torchrun, use its
-    RANK/WORLD_SIZE) and train EP x DP: experts sharded over the N ranks, the rest data parallel."""
+    """`moelab train --nproc N --ep P ...`: spawn N local gloo processes (or, under torchrun, use its
+    RANK/WORLD_SIZE) and train EP x DP: experts sharded over blocks of P ranks (default N), N/P copies of
+    each shard, everything else data parallel over the N ranks."""
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if torchrun else (nproc or ep or 0)
     if nproc is not None and torchrun and nproc != world:
         raise ValueError(f"--nproc={nproc} is invalid under torchrun: allowed the torchrun world size {world}")
     if not isinstance(world, int) or world < 1:
         raise ValueError(f"--nproc={nproc} is invalid: allowed an integer >= 1")
-    if (ep or world) != world:
-        raise ValueError(f"--ep={ep} is invalid: allowed the number of processes ({world}); experts are "
-                         f"sharded over all ranks (expert replicas across DP groups are not implemented)")
+    ep = ep or world
+    if not isinstance(ep, int) or ep < 1 or world % ep:
+        raise ValueError(f"--ep={ep} is invalid: allowed a divisor of the number of processes ({world})")
     from moelab.presets import get_preset
     get_preset(train_kwargs["preset"], **train_kwargs.get("moe_changes", {}))  # bad names fail here, once
     kwargs = {**train_kwargs, "threads": train_kwargs.get("threads") or 1}  # 1 thread per rank by default
     if torchrun:
-        _ep_train_rank(None, world, None, timeout_s, kwargs)
+        _ep_train_rank(None, world, None, timeout_s, ep, kwargs)
         return 0
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_ep_train_rank, args=(world, port, timeout_s, kwargs), nprocs=world, join=True,
+    mp.start_processes(_ep_train_rank, args=(world, port, timeout_s, ep, kwargs), nprocs=world, join=True,
                        start_method="spawn")
     return 0

@@ -191,7 +191,7 @@ def _uneven_placement(world: int, E: int) -> list[int]:
     return [3, 3, 0, 1, 3, 1, 1, 3][:E]  # rank 2 holds none
 
 
-def _worker(rank, world, train_steps: bool):
+def _worker(rank, world, train_steps: bool, lm_run=None):
     counts = {}
     E = 8
     # 1. contiguous placement, global-batch LBL + z-loss, shared expert, mean loss (DP convention)
@@ -214,18 +214,46 @@ def _worker(rank, world, train_steps: bool):
             EPDispatcher(E, Placement.contiguous(E, world + 1))
         with pytest.raises(ValueError, match="n_experts"):
             shard_moe_layer(MoELayer(_cfg()), list(range(world)) * (E // world - 1))
-    # 7. a collective that one rank never joins times out with an error instead of hanging
+    # 7. EP x DP with expert replicas (lm_run: 4 ranks, EP=2 -> 2 copies of each expert shard)
+    lm = _train_with_replicas(rank, world, *lm_run) if lm_run is not None else None
+    # 8. a collective that one rank never joins times out with an error instead of hanging
     short = dist.new_group(timeout=datetime.timedelta(seconds=2))
     if rank == 0:
         with pytest.raises(RuntimeError, match="(?i)timed? ?out"):
             dist.all_reduce(torch.ones(1), group=short)
     dist.barrier()
-    return {**counts, "n_expert_params": sum(p.numel() for p in expert_parameters(_pair(_cfg(), None)[1]))}
+    return {**counts, "lm_losses": lm, "n_expert_params": sum(p.numel() for p in expert_parameters(_pair(_cfg(), None)[1]))}
+
+
+def _train_with_replicas(rank, world, model_cfg, cfg, out, ep):
+    from moelab.parallel import ep_trainer
+    t = ep_trainer(model_cfg, cfg, out, ep=ep)
+    losses = [t.train_step()["loss"] for _ in range(cfg.steps)]
+    for n, p in t.model.named_parameters():
+        if ".experts." not in n:
+            assert _all_equal(p.detach()), f"{n} drifted apart across ranks"
+        else:  # the copies of one shard (ranks r, r + ep, ...) stay identical
+            every = [torch.empty_like(p) for _ in range(world)]
+            dist.all_gather(every, p.detach().contiguous())
+            assert all(torch.equal(every[r], every[rank % ep]) for r in range(rank % ep, world, ep)), n
+    return losses
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_ep_layer_matches_single_process(world):
-    res = run_distributed(_worker, world, args=(world == 2,), timeout_s=120)
+def test_ep_layer_matches_single_process(world, tmp_path):
+    """Layer checks on 2 and 4 ranks; with 4 ranks also EP=2 x DP=4 LM training (each expert shard on 2
+    ranks) vs one process with the whole batch, 10 steps, losses to 1e-4."""
+    from moelab.train import Trainer
+    lm_run, want = None, None
+    if world == 4:
+        model_cfg, cfg = _tiny_lm("global"), _train_cfg(_data_dir(tmp_path), steps=10)
+        ref = Trainer(model_cfg, cfg.replace(batch_size=cfg.batch_size * world), tmp_path / "ref", verbose=False)
+        want = [ref.train_step()["loss"] for _ in range(cfg.steps)]
+        lm_run = (model_cfg, cfg, str(tmp_path / "ep"), 2)
+    res = run_distributed(_worker, world, args=(world == 2, lm_run), timeout_s=150)
+    if want is not None:
+        for r in res:
+            assert max(abs(a - b) for a, b in zip(want, r["lm_losses"])) < 1e-4, (want, r["lm_losses"])
     E = 8
     assert sum(r["contiguous"] for r in res) == E
     assert sum(r["uneven"] for r in res) == E
@@ -260,6 +288,16 @@ def test_placement_errors_before_any_collective(monkeypatch):
     assert Placement.contiguous(8, 2).rank_E == (0, 0, 0, 0, 1, 1, 1, 1)
     assert Placement.contiguous(7, 3).n_local() == [3, 2, 2]
     assert Placement.from_map({0: 1, 1: 0, 2: 1}, n_experts=3, world_size=2).order() == [1, 0, 2]
+
+
+def _data_dir(tmp_path):
+    """Two small text domains (a code file and the README) for a fast corpus."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    for dom, src in (("code", "moelab/dispatch.py"), ("prose", "README.md")):
+        (tmp_path / dom).mkdir(exist_ok=True)
+        (tmp_path / dom / Path(src).name).write_text((root / src).read_text())
+    return tmp_path
 
 
 def _tiny_lm(balance: str):
@@ -306,13 +344,9 @@ def test_ep_dp_training_matches_single_process(tmp_path):
     clipping active, for global-batch LBL and for loss-free balancing with 2 accumulation micro-batches.
     Routing is discrete: if this breaks after an unrelated change to the expert kernels, suspect a near-tie
     top-k flip (the two sides round differently) before an EP bug -- the layer tests above pin EP at 1e-5."""
-    from pathlib import Path
 
     from moelab.train import Trainer, load_model
-    root = Path(__file__).resolve().parents[1]
-    for dom, src in (("code", "moelab/dispatch.py"), ("prose", "README.md")):
-        (tmp_path / dom).mkdir()
-        (tmp_path / dom / Path(src).name).write_text((root / src).read_text())
+    _data_dir(tmp_path)
     runs = [(_tiny_lm("global"), _train_cfg(tmp_path)),
             (_tiny_lm("loss_free"), _train_cfg(tmp_path, grad_accum=2))]
     world = 2
