@@ -8,14 +8,28 @@ import pytest
 import torch
 
 from moelab.config import MoEConfig
-from moelab.dispatch import (LocalDispatcher, apply_capacity, experts_reference_forward, permute, sort_plan,
-                             unpermute, unpermute_scatter)
-from moelab.experts import EXPERT_IMPLS, Experts, activate, experts_loop, grouped_mm_available, swiglu_reference
+from moelab.dispatch import (
+    LocalDispatcher,
+    apply_capacity,
+    experts_reference_forward,
+    permute,
+    sort_plan,
+    unpermute,
+    unpermute_scatter,
+)
+from moelab.experts import (
+    EXPERT_IMPLS,
+    Experts,
+    activate,
+    experts_loop,
+    grouped_mm_available,
+    swiglu_reference,
+)
 from moelab.moe import MoELayer
 from moelab.routers import Routing
 
 FAST = [name for name in EXPERT_IMPLS if name != "loop"]
-TOL = dict(atol=1e-5, rtol=1e-5)
+TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
 def _grads(out, tensors, seed=1):
@@ -154,9 +168,9 @@ def _layers(cfg):
     return fast, slow
 
 
-@pytest.mark.parametrize("kw", [dict(n_experts=8, top_k=2), dict(n_experts=4, top_k=1), dict(n_experts=4, top_k=4),
-                                dict(n_experts=8, top_k=2, capacity_factor=0.5),
-                                dict(n_experts=6, top_k=2, d_model=12, d_expert=10, n_shared=1)])
+@pytest.mark.parametrize("kw", [{"n_experts": 8, "top_k": 2}, {"n_experts": 4, "top_k": 1}, {"n_experts": 4, "top_k": 4},
+                                {"n_experts": 8, "top_k": 2, "capacity_factor": 0.5},
+                                {"n_experts": 6, "top_k": 2, "d_model": 12, "d_expert": 10, "n_shared": 1}])
 @pytest.mark.parametrize("T", [1, 37])
 def test_layer_fast_equals_loop(kw, T):
     cfg = MoEConfig(**{"d_model": 16, "d_expert": 12, **kw})
