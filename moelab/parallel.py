@@ -320,21 +320,23 @@ def sync_grads(model: nn.Module, group=None, replica_group=None) -> None:
     _, world = _world(group)
     experts = {id(p) for p in expert_parameters(model)}
     shared = [p for p in model.parameters() if p.requires_grad and id(p) not in experts]
-    if shared:  # one bucket, one all-reduce
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in shared])
-        dist.all_reduce(flat, group=group)  # SUM: gloo has no AVG
-        flat /= world
-        for p, g in zip(shared, torch.split(flat, [p.numel() for p in shared])):
-            p.grad = g.view_as(p).clone()
+    _sum_grads(shared, group)
     local = expert_parameters(model)
-    if replica_group is not None and dist.get_world_size(replica_group) > 1 and local:
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in local])
-        dist.all_reduce(flat, group=replica_group)
-        for p, g in zip(local, torch.split(flat, [p.numel() for p in local])):
-            p.grad = g.view_as(p).clone()
-    for p in local:
+    if replica_group is not None and dist.get_world_size(replica_group) > 1:
+        _sum_grads(local, replica_group)
+    for p in shared + local:
         if p.grad is not None:
             p.grad /= world
+
+
+def _sum_grads(params: list[nn.Parameter], group) -> None:
+    """Sum the grads of `params` over `group` with one bucketed all-reduce (a missing grad counts as 0)."""
+    if not params:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat, group=group)  # SUM: gloo has no AVG
+    for p, g in zip(params, torch.split(flat, [p.numel() for p in params])):
+        p.grad = g.view_as(p).clone()
 
 
 def broadcast_replicated(model: nn.Module, src: int = 0, group=None) -> None:
