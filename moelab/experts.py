@@ -111,15 +111,15 @@ def experts_grouped(x_SD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD
                     activation: str, max_padding: float = 0.25) -> Tensor:
     """Fast path: two grouped GEMMs over all experts; same math as `experts_loop`. When padding every expert
     to the largest count adds at most `max_padding` rows (near-balanced routing), the two GEMMs run as
-    batched GEMMs (`experts_padded`); otherwise as torch._grouped_mm."""
+    batched GEMMs (`experts_padded`); otherwise as torch._grouped_mm (empty experts: no work, no weight read),
+    or, when the shapes break its alignment rule, one MLP per expert that got rows (`experts_sparse`)."""
     E = w_up_EDH.shape[0]
     S = x_SD.shape[0]
     if S > 0 and max_padding > 0 and E * int(counts_E.max()) <= (1 + max_padding) * S:
         return experts_padded(x_SD, counts_E, w_up_EDH, w_down_EFD, activation)
-    if S < 2 * E:  # decode-sized: most experts get 0-2 rows, touch only the ones that get any
-        return experts_sparse(x_SD, counts_E, w_up_EDH, w_down_EFD, activation)
     if not grouped_mm_available(x_SD, w_up_EDH, w_down_EFD):
-        return experts_loop(x_SD, counts_E, w_up_EDH, w_down_EFD, activation)
+        fallback = experts_sparse if S > 0 else experts_loop  # S=0: the loop keeps the weights in the graph
+        return fallback(x_SD, counts_E, w_up_EDH, w_down_EFD, activation)
     offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
     h_SH = _GroupedMM.apply(x_SD.contiguous(), w_up_EDH, offs_E)
     return _GroupedMM.apply(activate(h_SH, activation).contiguous(), w_down_EFD, offs_E)
