@@ -368,3 +368,24 @@ def test_ep_dp_training_matches_single_process(tmp_path):
             if k.endswith("expert_load"):  # per-step counters: local on every rank, zeroed after the step
                 continue
             torch.testing.assert_close(v, want[k], atol=1e-4, rtol=1e-4, msg=k)
+
+
+def test_global_batch_counts_accumulate_over_micro_batches():
+    """Qiu et al. 2025 buffer, one process: micro-batch m uses f from the counts of micro-batches 1..m
+    (hand formula E * sum_i f_i P_i with P from the current micro-batch); reset after the step; no_grad
+    forwards neither use nor change the buffer."""
+    from moelab.balance import expert_counts
+    layer = MoELayer(_cfg(n_shared=0, z_loss_coef=0.0))
+    enable_global_balance(layer)
+    E = layer.cfg.n_experts
+    x1, x2 = torch.randn(12, 16), torch.randn(12, 16)
+    r1 = layer(x1)
+    with torch.no_grad():
+        layer(torch.randn(30, 16))  # evaluation-style forward: not counted
+    r2 = layer(x2)
+    c1, c2 = (expert_counts(expert_idx_TK=r.routing.expert_idx_TK, n_experts=E) for r in (r1, r2))
+    for r, c in ((r1, c1), (r2, c1 + c2)):
+        want = E * (c / c.sum() * r.routing.probs_TE.mean(0)).sum()
+        torch.testing.assert_close(r.losses["aux"], want, **TOL)
+    reset_global_balance(layer)
+    torch.testing.assert_close(layer(x1).losses["aux"], r1.losses["aux"], **TOL)
