@@ -136,7 +136,7 @@ def peak_bytes(fn) -> int:
     return max([0, *totals])
 
 
-def bench_shape(s: Shape, rounds: int, budget_s: float, impl: str, with_hf: bool) -> dict:
+def bench_shape(s: Shape, rounds: int, budget_s: float, impl: str, with_hf: bool, prof: bool = False) -> dict:
     torch.manual_seed(0)
     layer = moelab_layer(s, impl)
     x_TD = torch.randn(s.T, s.D, requires_grad=True)
@@ -180,7 +180,22 @@ def bench_shape(s: Shape, rounds: int, budget_s: float, impl: str, with_hf: bool
     grads = {n: sum(p.numel() * p.element_size() for p in cands[n][1][1:]) for n in ("dense", "moelab")}
     out["param_grad_bytes"] = grads
     out["peak_act_mem_moelab_over_dense"] = (mem["moelab"] - grads["moelab"]) / (mem["dense"] - grads["dense"])
+    if prof:
+        out["profile"] = {mode: {n: profile_top(wrap(*cands[n])) for n in ("moelab", "dense")}
+                          for mode, wrap in (("fwd", lambda f, p: _fwd(f)), ("fwd_bwd", _fwd_bwd))}
     return out
+
+
+def profile_top(fn, n_ops: int = 12) -> list[dict]:
+    """Where the time goes: the n_ops ops with the most self CPU time over one call of fn (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    evs = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in evs)
+    return [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
+             "calls": e.count} for e in evs[:n_ops]]
 
 
 def copy_bandwidth(nbytes: int = 512 << 20, rounds: int = 5) -> float:
@@ -281,7 +296,7 @@ def to_markdown(results: dict) -> str:
 
 
 def run(*, quick: bool = False, rounds: int = 9, budget_s: float = 200.0, impl: str = "grouped",
-        out: str | None = None, hf: bool = True) -> dict:
+        out: str | None = None, hf: bool = True, prof: bool = False) -> dict:
     """Runs every measurement, prints the table, writes the JSON; returns the results dict.
     `budget_s` is the timing budget of the whole run (each measurement stops early past its share; at least
     3 rounds each); warm-up and the memory profiles come on top."""
@@ -293,11 +308,15 @@ def run(*, quick: bool = False, rounds: int = 9, budget_s: float = 200.0, impl: 
     results = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "threads": 2, "dtype": "float32",
                "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}",
                "impl": impl, "quick": quick,
-               "shapes": [bench_shape(s, rounds, share, impl, with_hf) for s in shapes],
+               "shapes": [bench_shape(s, rounds, share, impl, with_hf, prof) for s in shapes],
                "decode": bench_decode(decode, 3 * rounds, share, impl, with_hf, 8 if quick else 320)}
     results["wall_s"] = time.perf_counter() - t0
     print_table(results)
     print(to_markdown(results))
+    for s in results["shapes"] if prof else ():
+        for mode, by_impl in s["profile"].items():
+            top = ", ".join(f"{r['op']} {100 * r['share']:.0f}%" for r in by_impl["moelab"][:8])
+            print(f"profile {s['shape']['name']} {mode} moelab: {top}")
     path = Path(out) if out else RESULTS_DIR / f"bench_moe{'_quick' if quick else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1))
@@ -312,13 +331,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--impl", default="grouped", help="moelab expert implementation (grouped | loop)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_moe.json)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+    p.add_argument("--profile", action="store_true", help="also record the top ops of moelab and dense (torch.profiler)")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(p)
     a = p.parse_args(argv)
-    run(quick=a.quick, rounds=a.rounds, budget_s=a.budget, impl=a.impl, out=a.out, hf=not a.no_hf)
+    run(quick=a.quick, rounds=a.rounds, budget_s=a.budget, impl=a.impl, out=a.out, hf=not a.no_hf, prof=a.profile)
     return 0
 
 

@@ -132,7 +132,7 @@ def _bench(args: argparse.Namespace) -> int:
     sys.modules.setdefault("bench_moe", bench)  # its dataclasses look the module up there
     spec.loader.exec_module(bench)
     bench.run(quick=args.quick, rounds=args.rounds, budget_s=args.budget, impl=args.impl, out=args.out,
-              hf=not args.no_hf)
+              hf=not args.no_hf, prof=args.profile)
     return 0
 
 
@@ -152,6 +152,7 @@ def _add_bench_command(sub) -> None:
                    "grouped)")
     b.add_argument("--out", help="JSON path (default benchmarks/results/bench_moe.json)")
     b.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+    b.add_argument("--profile", action="store_true", help="also record where moelab's time goes (torch.profiler)")
     b.set_defaults(func=_bench)
 
 
