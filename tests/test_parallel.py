@@ -389,3 +389,27 @@ def test_global_batch_counts_accumulate_over_micro_batches():
         torch.testing.assert_close(r.losses["aux"], want, **TOL)
     reset_global_balance(layer)
     torch.testing.assert_close(layer(x1).losses["aux"], r1.losses["aux"], **TOL)
+
+
+def test_cli_train_ep_spawns_and_merges(tmp_path, monkeypatch):
+    """`moelab train --nproc 2 --ep 2` end to end (spawn, train, checkpoint, merge): the merged model in
+    OUT/ckpt equals one process trained on the same global batches (2 steps, tiny preset, global LBL:
+    the preset's per-micro-batch aux loss would differ between 2 ranks and 1 process by design)."""
+    from moelab.cli import main
+    from moelab.presets import get_preset
+    from moelab.train import TrainConfig, Trainer, load_model
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    data = _data_dir(tmp_path)
+    args = ["train", "--nproc", "2", "--ep", "2", "--balance", "global", "--steps", "2", "--batch-size", "1", "--seq-len", "16",
+            "--eval-every", "0", "--data", str(data / "code"), str(data / "prose"), "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    cfg = TrainConfig(steps=2, batch_size=2, seq_len=16, eval_every=0, data=(str(data / "code"), str(data / "prose")))
+    ref = Trainer(get_preset("tiny", balance="global"), cfg, tmp_path / "ref", verbose=False)
+    for _ in range(cfg.steps):
+        ref.train_step()
+    merged, meta = load_model(tmp_path / "run")
+    assert meta["step"] == 2
+    want = ref.model.state_dict()
+    for k, v in merged.state_dict().items():
+        if not k.endswith("expert_load"):
+            torch.testing.assert_close(v, want[k], atol=1e-5, rtol=1e-5, msg=k)
