@@ -339,15 +339,6 @@ def _sum_grads(params: list[nn.Parameter], group) -> None:
         p.grad = g.view_as(p).clone()
 
 
-def broadcast_replicated(model: nn.Module, src: int = 0, group=None) -> None:
-    """Copy every replicated parameter and buffer from rank `src` (start of training)."""
-    _world(group)
-    experts = {id(p) for p in expert_parameters(model)}
-    for p in list(model.parameters()) + list(model.buffers()):
-        if id(p) not in experts:
-            dist.broadcast(p.data, src, group=group)
-
-
 class GlobalBatchCounts:
     """Global-batch LBL counts (Qiu et al. 2025, arXiv 2501.11873, sec. 3): f_i from expert counts summed
     over all data-parallel ranks and over the grad-accumulation micro-batches seen so far this step."""
@@ -548,7 +539,7 @@ def cli_train_ep(*, nproc: int | None, ep: int | None, timeout_s: float = 300.0,
         raise ValueError(f"--nproc={nproc} is invalid under torchrun: allowed the torchrun world size {world}")
     if not isinstance(world, int) or world < 1:
         raise ValueError(f"--nproc={nproc} is invalid: allowed an integer >= 1")
-    ep = ep or world
+    ep = world if ep is None else ep
     if not isinstance(ep, int) or ep < 1 or world % ep:
         raise ValueError(f"--ep={ep} is invalid: allowed a divisor of the number of processes ({world})")
     from moelab.presets import get_preset

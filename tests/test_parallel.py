@@ -283,6 +283,8 @@ def test_placement_errors_before_any_collective(monkeypatch):
           "train_changes": {}}
     with pytest.raises(ValueError, match="--ep=3 is invalid"):  # raised in the parent, nothing spawned
         cli_train_ep(nproc=2, ep=3, **kw)
+    with pytest.raises(ValueError, match="--ep=0 is invalid"):
+        cli_train_ep(nproc=2, ep=0, **kw)
     with pytest.raises(ValueError, match="--nproc=0 is invalid"):
         cli_train_ep(nproc=0, ep=None, **kw)
     assert Placement.contiguous(8, 2).rank_E == (0, 0, 0, 0, 1, 1, 1, 1)
