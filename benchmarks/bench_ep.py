@@ -123,7 +123,9 @@ def main() -> None:
         "ep2_over_single_2threads_speed_median_ratio": statistics.median(s / e for s, e in zip(t_single, t_ep)),
         "ep2_over_single_1thread_speed_median_ratio": statistics.median(s / e for s, e in zip(t_one, t_ep)),
         "a2a_bytes_per_token_forward": bytes_fwd / tokens,
-        "a2a_bytes_per_token_fwd_bwd": 2 * bytes_fwd / tokens,
+        # backward moves the same rows back, but not the int64 counts (8 * E * (W-1) bytes per layer)
+        "a2a_bytes_per_token_fwd_bwd": (2 * bytes_fwd - 8 * tiny().moe.n_experts * (world - 1)
+                                        * len(tiny().moe_layers)) / tokens,
         "rows_sent_per_token_per_layer": rows / tokens / len(tiny().moe_layers),
         "moe_layers": len(tiny().moe_layers), "d_model": tiny().d_model, "top_k": tiny().moe.top_k,
         "batch": args.batch, "seq": args.seq, "reps": args.reps,
