@@ -16,19 +16,20 @@ from moelab.routers import Routing
 
 
 class DispatchPlan(NamedTuple):
-    """Where every row of x_SD came from. Rows are grouped by expert; with padding, every expert has C rows and
-    the padding rows (token 0, weight 0) are computed but never combined."""
+    """Where every row of x_SD came from. Rows are grouped by expert; with padding, every expert has C rows
+    and the padding rows (token 0, weight 0) are computed but never combined."""
     token_S: Tensor     # source token of each sorted row
     weight_S: Tensor    # combine weight of each sorted row (0 on padding rows)
     counts_E: Tensor    # rows per expert (long), in expert order (padding rows included)
     n_tokens: int       # T, rows of the combined output
-    row_TK: Tensor | None = None     # row of x_SD holding each (token, slot), -1 = dropped; enables gather-only paths
+    row_TK: Tensor | None = None     # row of x_SD holding each (token, slot), -1 = dropped (gather-only paths)
     weight_TK: Tensor | None = None  # combine weight per (token, slot), the tensor the gradient flows to
 
 
-def sort_plan(expert_idx_TK: Tensor, weight_TK: Tensor, n_experts: int, max_padding: float = 0.0) -> DispatchPlan:
-    """Stable sort of the flat slots by expert; slots with expert -1 are left out. When padding every expert to
-    the largest count adds at most `max_padding` * S rows, the plan pads (equal counts: one batched GEMM)."""
+def sort_plan(expert_idx_TK: Tensor, weight_TK: Tensor, n_experts: int,
+              max_padding: float = 0.0) -> DispatchPlan:
+    """Stable sort of the flat slots by expert; slots with expert -1 are left out. When padding every expert
+    to the largest count adds at most `max_padding` * S rows, the plan pads (equal counts: one batched GEMM)."""
     T, K = expert_idx_TK.shape
     E = n_experts
     flat_idx = expert_idx_TK.reshape(-1)
@@ -41,15 +42,16 @@ def sort_plan(expert_idx_TK: Tensor, weight_TK: Tensor, n_experts: int, max_padd
     C = int(counts_E.max()) if S else 0
     row_TK = torch.full((T * K,), -1, dtype=torch.long, device=flat_idx.device)
     if 0 < S < E * C <= (1 + max_padding) * S:
-        e_S = key[slot_S]
+        e_S = key.index_select(0, slot_S)  # index_select, not x[idx]: no parallel region on a busy CPU
         start_E = torch.cumsum(counts_E, 0) - counts_E
-        row_S = torch.arange(S, device=slot_S.device) + (e_S * C - start_E[e_S])
-        token_S = torch.zeros(E * C, dtype=torch.long, device=slot_S.device).index_copy_(0, row_S, slot_S // K)
-        weight_S = weight_TK.new_zeros(E * C).index_copy(0, row_S, weight_TK.reshape(-1)[slot_S])
+        row_S = torch.arange(S, device=slot_S.device) + (e_S * C - start_E.index_select(0, e_S))
+        token_S = slot_S.new_zeros(E * C).index_copy_(0, row_S, slot_S // K)
+        weight_S = weight_TK.new_zeros(E * C).index_copy(0, row_S,
+                                                         weight_TK.reshape(-1).index_select(0, slot_S))
         counts_E = torch.full_like(counts_E, C)
     else:
         row_S = torch.arange(S, device=slot_S.device)
-        token_S, weight_S = slot_S // K, weight_TK.reshape(-1)[slot_S]
+        token_S, weight_S = slot_S // K, weight_TK.reshape(-1).index_select(0, slot_S)
     row_TK = row_TK.index_copy_(0, slot_S, row_S).view(T, K)
     return DispatchPlan(token_S, weight_S, counts_E, T, row_TK, weight_TK)
 
@@ -132,8 +134,8 @@ def unpermute_scatter(y_SD: Tensor, plan: DispatchPlan) -> Tensor:
 
 
 class LocalDispatcher:
-    """Single-process dispatcher: every expert lives here. Pads experts to equal counts when that costs at most
-    `max_padding` extra rows (then the experts run as one batched GEMM)."""
+    """Single-process dispatcher: every expert lives here. Pads experts to equal counts when that costs at
+    most `max_padding` extra rows (then the experts run as one batched GEMM)."""
 
     def __init__(self, n_experts: int, max_padding: float = 0.25):
         self.n_experts = n_experts

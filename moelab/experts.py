@@ -132,7 +132,7 @@ def padded_positions(counts_E: Tensor, n_rows: int) -> tuple[Tensor, int]:
     C = int(counts_E.max()) if E else 0
     e_S = torch.repeat_interleave(torch.arange(E, device=counts_E.device), counts_E, output_size=n_rows)
     start_E = torch.cumsum(counts_E, 0) - counts_E
-    return torch.arange(n_rows, device=counts_E.device) + (e_S * C - start_E[e_S]), C
+    return torch.arange(n_rows, device=counts_E.device) + (e_S * C - start_E.index_select(0, e_S)), C
 
 
 def experts_padded(x_SD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor,
