@@ -47,7 +47,10 @@ class MoELayer(nn.Module):
         nn.init.normal_(self.gate.weight, std=cfg.d_model ** -0.5)
         self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.d_expert, cfg.activation)
         self.shared = Experts(1, cfg.d_model, cfg.d_shared_total, cfg.activation) if cfg.n_shared else None
-        self.dispatcher = LocalDispatcher(cfg.n_experts)  # parallel.shard_moe_layer swaps in an EPDispatcher
+        # parallel.shard_moe_layer swaps in an EPDispatcher. Padding to equal blocks feeds the batched GEMM of
+        # the grouped/padded impls; the other impls get compact rows.
+        pad = 0.25 if cfg.expert_impl in ("grouped", "padded") else 0.0
+        self.dispatcher = LocalDispatcher(cfg.n_experts, max_padding=pad)
         self.global_counts = None  # balance="global": local -> global-batch counts, see parallel.py
         # Loss-free balancing state: persistent so it survives save/load and exact resume.
         self.register_buffer("expert_bias", torch.zeros(cfg.n_experts), persistent=True)

@@ -162,7 +162,7 @@ def test_permute_unpermute_by_hand():
 
 
 def _layers(cfg):
-    fast = MoELayer(cfg)
+    fast = MoELayer(cfg)  # cfg.expert_impl: a fast path
     slow = MoELayer(cfg.replace(expert_impl="loop"))
     slow.load_state_dict(fast.state_dict())
     return fast, slow
@@ -172,8 +172,9 @@ def _layers(cfg):
                                 {"n_experts": 8, "top_k": 2, "capacity_factor": 0.5},
                                 {"n_experts": 6, "top_k": 2, "d_model": 12, "d_expert": 10, "n_shared": 1}])
 @pytest.mark.parametrize("T", [1, 37])
-def test_layer_fast_equals_loop(kw, T):
-    cfg = MoEConfig(**{"d_model": 16, "d_expert": 12, **kw})
+@pytest.mark.parametrize("impl", FAST)
+def test_layer_fast_equals_loop(kw, T, impl):
+    cfg = MoEConfig(**{"d_model": 16, "d_expert": 12, "expert_impl": impl, **kw})
     fast, slow = _layers(cfg)
     x = torch.randn(T, cfg.d_model, requires_grad=True)
     outs = []
