@@ -1,9 +1,10 @@
 """Expert weights (3-D, one slab per expert) and their compute.
 
-S=routed slots sorted by expert, D=d_model, F=expert hidden, H=F (gelu) or 2F (swiglu: gate|up), E=experts.
-Two implementations of the same math: `experts_loop` (the reference: one matmul pair per expert) and
-`experts_grouped` (torch._grouped_mm over all experts at once, falling back to the loop when the
-shapes break its 16-byte alignment rule).
+S=routed slots sorted by expert, D=d_model, F=expert hidden, H=F (gelu) or 2F (swiglu: gate|up), E=experts,
+C=rows per expert after padding. One math, several kernels (EXPERT_IMPLS), all tested against the reference
+`experts_loop` (one matmul pair per expert): `experts_padded` (equal blocks -> two bmm), `experts_grouped_mm`
+(torch._grouped_mm, 16-byte alignment rule), `experts_sparse` (only experts with rows), and `experts_grouped`,
+the default, which picks among them.
 """
 from __future__ import annotations
 
@@ -155,7 +156,7 @@ def experts_padded(x_SD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD:
 
 def experts_grouped_mm(x_SD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor,
                        activation: str) -> Tensor:
-    """torch._grouped_mm only (loop fallback when unaligned)."""
+    """torch._grouped_mm, never padded (per-expert fallback when unaligned)."""
     return experts_grouped(x_SD, counts_E, w_up_EDH, w_down_EFD, activation, max_padding=0.0)
 
 
