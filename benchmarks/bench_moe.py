@@ -295,7 +295,7 @@ def to_markdown(results: dict) -> str:
     return "\n".join(rows)
 
 
-def run(*, quick: bool = False, rounds: int = 9, budget_s: float = 200.0, impl: str = "grouped",
+def run(*, quick: bool = False, rounds: int = 15, budget_s: float = 200.0, impl: str = "grouped",
         out: str | None = None, hf: bool = True, prof: bool = False) -> dict:
     """Runs every measurement, prints the table, writes the JSON; returns the results dict.
     `budget_s` is the timing budget of the whole run (each measurement stops early past its share; at least
@@ -307,10 +307,11 @@ def run(*, quick: bool = False, rounds: int = 9, budget_s: float = 200.0, impl: 
     t0 = time.perf_counter()
     results = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "threads": 2, "dtype": "float32",
                "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}",
-               "impl": impl, "quick": quick,
+               "impl": impl, "quick": quick, "loadavg_1min_start": os.getloadavg()[0],
                "shapes": [bench_shape(s, rounds, share, impl, with_hf, prof) for s in shapes],
                "decode": bench_decode(decode, 3 * rounds, share, impl, with_hf, 8 if quick else 320)}
     results["wall_s"] = time.perf_counter() - t0
+    results["loadavg_1min_end"] = os.getloadavg()[0]  # other processes on the 2 cores while we measured
     print_table(results)
     print(to_markdown(results))
     for s in results["shapes"] if prof else ():
@@ -326,7 +327,7 @@ def run(*, quick: bool = False, rounds: int = 9, budget_s: float = 200.0, impl: 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds (smoke test)")
-    p.add_argument("--rounds", type=int, default=9, help="interleaved rounds per measurement (default 9)")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per measurement at most (default 15)")
     p.add_argument("--budget", type=float, default=200.0, help="timing seconds for the whole run (default 200)")
     p.add_argument("--impl", default="grouped", help="moelab expert implementation (grouped | loop)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_moe.json)")

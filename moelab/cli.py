@@ -145,7 +145,7 @@ def _add_bench_command(sub) -> None:
                                    "Qwen3-MoE block (eager, grouped_mm), and 8-token decode vs the weight-bandwidth "
                                    "floor; prints median ratios and writes benchmarks/results/bench_moe.json.")
     b.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds (smoke test)")
-    b.add_argument("--rounds", type=int, default=9, help="interleaved rounds per measurement (default 9)")
+    b.add_argument("--rounds", type=int, default=15, help="interleaved rounds per measurement at most (default 15)")
     b.add_argument("--budget", type=float, default=200.0, help="timing seconds for the whole run; each measurement "
                    "stops early past its share (default 200)")
     b.add_argument("--impl", default="grouped", choices=list(EXPERT_IMPLS), help="moelab expert path (default "
