@@ -22,6 +22,7 @@ from moelab.experts import (
     Experts,
     activate,
     experts_loop,
+    experts_padded,
     grouped_mm_available,
     swiglu_reference,
 )
@@ -60,6 +61,21 @@ def test_expert_impls_match_loop(impl, E, D, F, S, n_empty, act):
     params = [x_SD, experts.w_up_EDH, experts.w_down_EFD]
     want = experts_loop(x_SD, counts_E, experts.w_up_EDH, experts.w_down_EFD, act)
     got = experts(x_SD, counts_E, impl)
+    torch.testing.assert_close(got, want, **TOL)
+    for a, b in zip(_grads(got, params), _grads(want, params)):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("block_bytes", [0, 1 << 40])
+def test_padded_equal_blocks_expert_by_expert_or_batched(block_bytes):
+    """Equal blocks (a padded dispatch) run as one bmm (huge block_bytes) or expert by expert (0): both = loop."""
+    E, C, D, F = 4, 6, 8, 12
+    experts = Experts(E, D, F)
+    counts_E = torch.full((E,), C)
+    x_SD = torch.randn(E * C, D, requires_grad=True)
+    params = [x_SD, experts.w_up_EDH, experts.w_down_EFD]
+    got = experts_padded(x_SD, counts_E, experts.w_up_EDH, experts.w_down_EFD, "swiglu", block_bytes=block_bytes)
+    want = experts_loop(x_SD, counts_E, experts.w_up_EDH, experts.w_down_EFD, "swiglu")
     torch.testing.assert_close(got, want, **TOL)
     for a, b in zip(_grads(got, params), _grads(want, params)):
         torch.testing.assert_close(a, b, **TOL)
