@@ -67,10 +67,10 @@ def experts_loop(x_SD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: T
 
 def experts_sparse(x_SD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor,
                    activation: str) -> Tensor:
-    """Decode path: one MLP per expert that received rows; experts with none are never touched (no weight
-    read, no kernel launch), so the time tracks the bytes of the selected experts' weights."""
-    blocks = torch.split(x_SD, counts_E.tolist())
-    out = [mlp(xb, w_up_EDH[e], w_down_EFD[e], activation) for e, xb in enumerate(blocks) if xb.shape[0]]
+    """One MLP per expert that received rows; experts with none are never touched (no weight read, no kernel
+    launch). unbind, not w[e]: its backward stacks the E weight grads once instead of zero-filling E copies."""
+    blocks = zip(torch.split(x_SD, counts_E.tolist()), w_up_EDH.unbind(0), w_down_EFD.unbind(0))
+    out = [mlp(xb, w_up_DH, w_down_FD, activation) for xb, w_up_DH, w_down_FD in blocks if xb.shape[0]]
     return torch.cat(out) if out else x_SD.new_zeros(0, w_down_EFD.shape[-1])
 
 
