@@ -124,7 +124,32 @@ class LayerRouting(NamedTuple):
     logits_TE: Tensor | None     # fp32 raw router logits (None if not recorded)
 
 
-class HFRecorder:
+class _BlockHooks:
+    """Context manager base: one hook per MoE block on its experts call (pre-hook) or, for blocks that
+    combine with dense scores, on its router's output. Subclasses define _on_experts / _on_dense."""
+    blocks: list
+
+    def __init__(self) -> None:
+        self._handles: list = []
+
+    def _attach(self, extra=None) -> None:
+        for layer, b in enumerate(self.blocks):
+            router = getattr(b.module, b.adapter.router)
+            if b.adapter.dense_at is None:
+                experts = getattr(b.module, b.adapter.experts)
+                self._handles.append(experts.register_forward_pre_hook(self._on_experts(layer), with_kwargs=True))
+            else:
+                self._handles.append(router.register_forward_hook(self._on_dense(layer)))
+            if extra is not None:
+                self._handles.append(router.register_forward_hook(extra(layer)))
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class HFRecorder(_BlockHooks):
     """Context manager: records every MoE block's routing on each forward call.
 
     with HFRecorder(model) as rec: model(ids); layers = rec.take()  # list (one per block) of LayerRouting
@@ -136,24 +161,11 @@ class HFRecorder:
         self._idx: list[list[Tensor]] = [[] for _ in self.blocks]
         self._w: list[list[Tensor]] = [[] for _ in self.blocks]
         self._lg: list[list[Tensor]] = [[] for _ in self.blocks]
-        self._handles: list = []
+        super().__init__()
 
     def __enter__(self) -> Self:
-        for layer, b in enumerate(self.blocks):
-            router = getattr(b.module, b.adapter.router)
-            if b.adapter.dense_at is None:
-                experts = getattr(b.module, b.adapter.experts)
-                self._handles.append(experts.register_forward_pre_hook(self._on_experts(layer), with_kwargs=True))
-            else:
-                self._handles.append(router.register_forward_hook(self._on_dense(layer)))
-            if self.logits:
-                self._handles.append(router.register_forward_hook(self._on_router(layer)))
+        self._attach(self._on_router if self.logits else None)
         return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     def _on_experts(self, layer: int):
         def hook(mod, args, kwargs):
@@ -189,7 +201,7 @@ class HFRecorder:
         return out
 
 
-class HFReplay:
+class HFReplay(_BlockHooks):
     """Context manager: every MoE block uses the recorded experts and weights instead of its router's.
 
     `cursors[l]` hands out layer l's recorded rows in the order tokens reach the block, so a trace made
@@ -202,16 +214,10 @@ class HFReplay:
         if len(cursors) != len(self.blocks):
             raise ValueError(f"trace has {len(cursors)} MoE layers, the model has {len(self.blocks)} MoE blocks")
         self.cursors = cursors
-        self._handles: list = []
+        super().__init__()
 
     def __enter__(self) -> Self:
-        for layer, b in enumerate(self.blocks):
-            if b.adapter.dense_at is None:
-                experts = getattr(b.module, b.adapter.experts)
-                self._handles.append(experts.register_forward_pre_hook(self._on_experts(layer), with_kwargs=True))
-            else:
-                router = getattr(b.module, b.adapter.router)
-                self._handles.append(router.register_forward_hook(self._on_dense(layer)))
+        self._attach()
         return self
 
     def _on_dense(self, layer: int):
@@ -225,11 +231,6 @@ class HFReplay:
                                                         w_TK.to(dense_TE.device, dense_TE.dtype))
             return (*out[:at], new_TE, *out[at + 1:])
         return hook
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     def _on_experts(self, layer: int):
         def hook(mod, args, kwargs):

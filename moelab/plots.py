@@ -23,6 +23,24 @@ def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "val"]
 
 
+def save_figure(fig, path: Path) -> Path:
+    """tight_layout, write the PNG, free the figure."""
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _save_line_plot(fig, ax, path: Path, ylabel: str, title: str) -> Path:
+    """Curves over training steps: labels, legend, grid, then save."""
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
 def _smooth(y: np.ndarray, k: int) -> np.ndarray:
     if len(y) < k or k <= 1:
         return y
@@ -56,15 +74,7 @@ def plot_loss(run: str | Path, path: Path, unigram: dict[str, float] | None = No
         ax.plot([r["step"] for r in val], [r["val_loss"][d] for r in val], "o-", color=c, label=f"val {d}")
         if unigram and d in unigram:
             ax.axhline(unigram[d], color=c, ls="--", lw=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / byte)")
-    ax.set_title("loss; dashed = unigram baseline per domain")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_line_plot(fig, ax, path, "loss (nats / byte)", "loss; dashed = unigram baseline per domain")
 
 
 def plot_expert_load(run: str | Path, path: Path) -> Path:
@@ -83,10 +93,7 @@ def plot_expert_load(run: str | Path, path: Path) -> Path:
         fig.colorbar(im, ax=ax, pad=0.01)
     axes[-1, 0].set_xlabel("step")
     axes[0, 0].set_title("expert load (share of routed slots) over training")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_max_vio(run: str | Path, path: Path) -> Path:
@@ -98,15 +105,7 @@ def plot_max_vio(run: str | Path, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=90)
     for j, layer in enumerate(_moe_layer_ids(run, mv_NL.shape[1])):
         ax.plot(steps[k - 1:] if k > 1 else steps, _smooth(mv_NL[:, j], k), label=f"layer {layer}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("MaxVio")
-    ax.set_title("load imbalance (MaxVio, 0 = perfectly balanced)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_line_plot(fig, ax, path, "MaxVio", "load imbalance (MaxVio, 0 = perfectly balanced)")
 
 
 def plot_specialization(summary: dict, path: Path) -> Path:
@@ -125,10 +124,7 @@ def plot_specialization(summary: dict, path: Path) -> Path:
         ax.set_xlabel("expert", fontsize=8)
         fig.colorbar(im, ax=ax, pad=0.02)
     fig.suptitle("expert-by-domain routing share (validation)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_run(run: str | Path) -> list[Path]:

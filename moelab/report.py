@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from moelab import analysis
+from moelab.plots import plt, save_figure
 from moelab.trace import Trace, load_trace
 
 SOURCES = [  # (metric, citation) shown in the report
@@ -26,20 +27,12 @@ SOURCES = [  # (metric, citation) shown in the report
 MAX_PANELS = 8  # at most this many layers / layer pairs get their own panel (evenly spaced)
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def _pick(n: int) -> list[int]:
     return sorted({round(i) for i in np.linspace(0, n - 1, min(n, MAX_PANELS))}) if n else []
 
 
 def plot_load(s: analysis.Summary, path: Path) -> Path:
     """Heatmap: share of routed slots per expert (columns) and layer (rows), MaxVio per layer on the right."""
-    plt = _plt()
     load_LE = s.counts_LE / np.maximum(s.counts_LE.sum(-1, keepdims=True), 1)
     L, E = load_LE.shape
     fig, ax = plt.subplots(figsize=(min(2 + 0.25 * E, 14), 1.2 + 0.35 * L), dpi=80)
@@ -49,15 +42,11 @@ def plot_load(s: analysis.Summary, path: Path) -> Path:
     ax.set_yticks(range(L), [f"{l}  (MaxVio {v:.2f})" for l, v in enumerate(s.max_vio_L)])
     fig.colorbar(im, ax=ax, label="load / uniform load")
     ax.set_title("Expert load per layer")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_specialization(s: analysis.Summary, domains: tuple[str, ...], path: Path) -> Path:
     """One heatmap per (picked) layer: expert distribution of each domain relative to the global one."""
-    plt = _plt()
     layers = _pick(s.spec.dist_LDE.shape[0])
     D, E = s.spec.dist_LDE.shape[1:]
     fig, axes = plt.subplots(len(layers), 1, figsize=(min(2.5 + 0.25 * E, 14), 0.8 + (0.3 * D + 0.6) * len(layers)),
@@ -69,15 +58,11 @@ def plot_specialization(s: analysis.Summary, domains: tuple[str, ...], path: Pat
         ax.set_title(f"layer {l}: domain share / global share per expert", fontsize=9)
         fig.colorbar(im, ax=ax)
     axes[-1, 0].set_xlabel("expert")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_affinity(s: analysis.Summary, path: Path) -> Path:
     """One matrix per (picked) layer pair: P(expert j at l+1 | expert i at l)."""
-    plt = _plt()
     pairs = _pick(s.aff.cond_PEE.shape[0])
     n = max(len(pairs), 1)
     cols = min(n, 4)
@@ -94,15 +79,11 @@ def plot_affinity(s: analysis.Summary, path: Path) -> Path:
         ax.set_xlabel("expert at l+1", fontsize=8)
         ax.set_ylabel("expert at l", fontsize=8)
     fig.suptitle("Inter-layer affinity P(e_{l+1} | e_l)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_consistency(s: analysis.Summary, top_k: int, n_experts: int, path: Path) -> Path:
     """Left: share of experts reused by the token d positions later. Right: SCH vs segment length."""
-    plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=80)
     d = np.arange(1, s.reuse_LD.shape[1] + 1)
     for l in _pick(s.reuse_LD.shape[0]):
@@ -117,10 +98,7 @@ def plot_consistency(s: analysis.Summary, top_k: int, n_experts: int, path: Path
     b.set_ylabel(f"best hit rate, cache = {s.cache_size} experts")
     b.set_title("Segment cache best hit rate (SCH)")
     a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 _CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
