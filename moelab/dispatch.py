@@ -107,7 +107,8 @@ class _Unpermute(torch.autograd.Function):
             unwritten = torch.ones(S + 1, dtype=torch.bool, device=rows.device).index_fill_(0, rows, False)
             g_y = g_y.index_fill_(0, unwritten.nonzero().squeeze(1), 0.0)[:S]  # padding rows: zero gradient
         if ctx.needs_input_grad[1]:
-            g_w = torch.bmm(y_TKD, g_TD.unsqueeze(-1)).squeeze(-1).masked_fill_(row_TK < 0, 0.0)
+            # (T,1,D) @ (T,D,K): a row vector per batch; (T,K,D) @ (T,D,1) is 2x slower (per-batch clones)
+            g_w = torch.bmm(g_TD.unsqueeze(1), y_TKD.transpose(1, 2)).squeeze(1).masked_fill_(row_TK < 0, 0.0)
             g_w = g_w.to(ctx.weight_dtype)
         return g_y, g_w, None
 
