@@ -27,9 +27,10 @@ class DispatchPlan(NamedTuple):
 
 
 def sort_plan(expert_idx_TK: Tensor, weight_TK: Tensor, n_experts: int,
-              max_padding: float = 0.0) -> DispatchPlan:
+              max_padding: float = 0.0, max_pad_rows: int | None = None) -> DispatchPlan:
     """Stable sort of the flat slots by expert; slots with expert -1 are left out. When padding every expert
-    to the largest count adds at most `max_padding` * S rows, the plan pads (equal counts: one batched GEMM)."""
+    to the largest count C adds at most `max_padding` * S rows (and C <= max_pad_rows, if given), the plan
+    pads (equal counts: one batched GEMM)."""
     T, K = expert_idx_TK.shape
     E = n_experts
     flat_idx = expert_idx_TK.reshape(-1)
@@ -41,7 +42,7 @@ def sort_plan(expert_idx_TK: Tensor, weight_TK: Tensor, n_experts: int,
     slot_S = order[:S]
     C = int(counts_E.max()) if S else 0
     row_TK = torch.full((T * K,), -1, dtype=torch.long, device=flat_idx.device)
-    if 0 < S < E * C <= (1 + max_padding) * S:
+    if 0 < S < E * C <= (1 + max_padding) * S and (max_pad_rows is None or C <= max_pad_rows):
         e_S = key.index_select(0, slot_S)  # index_select, not x[idx]: no parallel region on a busy CPU
         start_E = torch.cumsum(counts_E, 0) - counts_E
         row_S = torch.arange(S, device=slot_S.device) + (e_S * C - start_E.index_select(0, e_S))
@@ -136,14 +137,18 @@ def unpermute_scatter(y_SD: Tensor, plan: DispatchPlan) -> Tensor:
 
 class LocalDispatcher:
     """Single-process dispatcher: every expert lives here. Pads experts to equal counts when that costs at
-    most `max_padding` extra rows (then the experts run as one batched GEMM)."""
+    most `max_padding` extra rows and an expert's hidden block (C rows of `hidden` values) stays under
+    `block_bytes` (then the experts run as one batched GEMM; bigger blocks run expert by expert, unpadded)."""
 
-    def __init__(self, n_experts: int, max_padding: float = 0.25):
+    def __init__(self, n_experts: int, max_padding: float = 0.25, hidden: int | None = None,
+                 block_bytes: int = 4 << 20):
         self.n_experts = n_experts
         self.max_padding = max_padding
+        self.hidden, self.block_bytes = hidden, block_bytes
 
     def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, DispatchPlan]:
-        plan = sort_plan(routing.expert_idx_TK, routing.weight_TK, self.n_experts, self.max_padding)
+        max_rows = None if self.hidden is None else self.block_bytes // (self.hidden * x_TD.element_size())
+        plan = sort_plan(routing.expert_idx_TK, routing.weight_TK, self.n_experts, self.max_padding, max_rows)
         return permute(x_TD, plan), plan.counts_E, plan
 
     def combine(self, y_SD: Tensor, plan: DispatchPlan) -> Tensor:

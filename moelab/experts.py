@@ -109,15 +109,19 @@ def grouped_mm_available(x_SD: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor) -> 
 
 
 def experts_grouped(x_SD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor,
-                    activation: str, max_padding: float = 0.25) -> Tensor:
-    """Fast path: two grouped GEMMs over all experts; same math as `experts_loop`. When padding every expert
-    to the largest count adds at most `max_padding` rows (near-balanced routing), the two GEMMs run as
-    batched GEMMs (`experts_padded`); otherwise as torch._grouped_mm (empty experts: no work, no weight read),
+                    activation: str, max_padding: float = 0.25, block_bytes: int = 4 << 20) -> Tensor:
+    """Fast path: grouped GEMMs over all experts; same math as `experts_loop`. Experts whose hidden block
+    reaches `block_bytes` are GEMMs big enough on their own: expert by expert, unpadded (`experts_sparse`).
+    Smaller blocks: when padding every expert to the largest count adds at most `max_padding` rows, two
+    batched GEMMs (`experts_padded`); otherwise torch._grouped_mm (empty experts: no work, no weight read),
     or, when the shapes break its alignment rule, one MLP per expert that got rows (`experts_sparse`)."""
     E = w_up_EDH.shape[0]
     S = x_SD.shape[0]
-    if S > 0 and max_padding > 0 and E * int(counts_E.max()) <= (1 + max_padding) * S:
-        return experts_padded(x_SD, counts_E, w_up_EDH, w_down_EFD, activation)
+    C = int(counts_E.max()) if S > 0 else 0
+    if max_padding > 0 and C * w_up_EDH.shape[2] * x_SD.element_size() >= block_bytes:
+        return experts_sparse(x_SD, counts_E, w_up_EDH, w_down_EFD, activation)  # big blocks: no padding
+    if S > 0 and max_padding > 0 and E * C <= (1 + max_padding) * S:
+        return experts_padded(x_SD, counts_E, w_up_EDH, w_down_EFD, activation, block_bytes)
     if not grouped_mm_available(x_SD, w_up_EDH, w_down_EFD):
         fallback = experts_sparse if S > 0 else experts_loop  # S=0: the loop keeps the weights in the graph
         return fallback(x_SD, counts_E, w_up_EDH, w_down_EFD, activation)

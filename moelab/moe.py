@@ -50,7 +50,8 @@ class MoELayer(nn.Module):
         # parallel.shard_moe_layer swaps in an EPDispatcher. Padding to equal blocks feeds the batched GEMM of
         # the grouped/padded impls; the other impls get compact rows.
         pad = 0.25 if cfg.expert_impl in ("grouped", "padded") else 0.0
-        self.dispatcher = LocalDispatcher(cfg.n_experts, max_padding=pad)
+        hidden = self.experts.w_up_EDH.shape[2] if cfg.expert_impl == "grouped" else None
+        self.dispatcher = LocalDispatcher(cfg.n_experts, max_padding=pad, hidden=hidden)
         self.global_counts = None  # balance="global": local -> global-batch counts, see parallel.py
         # Loss-free balancing state: persistent so it survives save/load and exact resume.
         self.register_buffer("expert_bias", torch.zeros(cfg.n_experts), persistent=True)

@@ -21,6 +21,7 @@ from moelab.experts import (
     EXPERT_IMPLS,
     Experts,
     activate,
+    experts_grouped,
     experts_loop,
     experts_padded,
     grouped_mm_available,
@@ -76,6 +77,27 @@ def test_padded_equal_blocks_expert_by_expert_or_batched(block_bytes):
     params = [x_SD, experts.w_up_EDH, experts.w_down_EFD]
     got = experts_padded(x_SD, counts_E, experts.w_up_EDH, experts.w_down_EFD, "swiglu", block_bytes=block_bytes)
     want = experts_loop(x_SD, counts_E, experts.w_up_EDH, experts.w_down_EFD, "swiglu")
+    torch.testing.assert_close(got, want, **TOL)
+    for a, b in zip(_grads(got, params), _grads(want, params)):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("block_bytes", [0, 1 << 40])
+def test_grouped_big_blocks_and_dispatcher_row_limit(block_bytes):
+    """block_bytes 0: every expert block counts as big -> the dispatcher does not pad and `experts_grouped` runs
+    expert by expert; huge: padded batched GEMM. Both equal the reference, forward and gradients."""
+    gen = torch.Generator().manual_seed(5)
+    T, E, K, D, F = 24, 6, 2, 8, 12
+    routing = _random_routing(T, E, K, gen)
+    experts = Experts(E, D, F)
+    x_TD = torch.randn(T, D, generator=gen, requires_grad=True)
+    params = [x_TD, routing.weight_TK, experts.w_up_EDH, experts.w_down_EFD]
+    disp = LocalDispatcher(E, max_padding=10.0, hidden=2 * F, block_bytes=block_bytes)
+    x_SD, counts_E, plan = disp.dispatch(x_TD, routing)
+    assert (x_SD.shape[0] == T * K) == (block_bytes == 0)  # padded only when blocks are small
+    y_SD = experts_grouped(x_SD, counts_E, experts.w_up_EDH, experts.w_down_EFD, "swiglu", block_bytes=block_bytes)
+    got = disp.combine(y_SD, plan)
+    want = experts_reference_forward(x_TD, routing, experts.expert, E)
     torch.testing.assert_close(got, want, **TOL)
     for a, b in zip(_grads(got, params), _grads(want, params)):
         torch.testing.assert_close(a, b, **TOL)
