@@ -10,6 +10,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from moelab.routers import Routing
@@ -58,7 +59,8 @@ def sort_plan(expert_idx_TK: Tensor, weight_TK: Tensor, n_experts: int,
 
 
 class _Permute(torch.autograd.Function):
-    """x_SD = x_TD[token_S]; backward gathers each token's K row-gradients and sums them (no scatter-add)."""
+    """x_SD = x_TD[token_S]; backward sums each token's K row-gradients in one fused gather-sum (embedding_bag),
+    no scatter-add and no (T,K,D) temporary."""
 
     @staticmethod
     def forward(ctx, x_TD: Tensor, token_S: Tensor, row_TK: Tensor) -> Tensor:
@@ -69,37 +71,31 @@ class _Permute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_SD: Tensor):
         (row_TK,) = ctx.saved_tensors
-        T, K = row_TK.shape
         if g_SD.shape[0] == 0:
-            return g_SD.new_zeros(T, g_SD.shape[1]), None, None
-        g_TKD = g_SD.index_select(0, row_TK.clamp_min(0).reshape(-1)).view(T, K, -1)
-        if ctx.any_dropped:
-            g_TKD = g_TKD.masked_fill_((row_TK < 0).unsqueeze(-1), 0.0)
-        return g_TKD.sum(1), None, None
+            return g_SD.new_zeros(row_TK.shape[0], g_SD.shape[1]), None, None
+        keep_TK = (row_TK >= 0).to(g_SD.dtype) if ctx.any_dropped else None  # dropped slots add nothing
+        return F.embedding_bag(row_TK.clamp_min(0), g_SD, per_sample_weights=keep_TK, mode="sum"), None, None
 
 
 class _Unpermute(torch.autograd.Function):
-    """y_TD = sum_k w_TK * y_SD[row_TK] as one gather + one batched GEMM; backward writes each row's gradient
-    once (index_copy: rows are unique) and gets the weight gradient from the saved gathered rows."""
+    """y_TD = sum_k w_TK * y_SD[row_TK] in one fused weighted gather-sum (embedding_bag: ~10x faster than
+    gather + batched GEMM, no (T,K,D) temporary); backward writes each row's gradient once (index_copy_:
+    rows are unique) and gets the weight gradient from the gathered rows."""
 
     @staticmethod
     def forward(ctx, y_SD: Tensor, weight_TK: Tensor, row_TK: Tensor) -> Tensor:
-        T, K = row_TK.shape
-        dropped_TK = row_TK < 0
+        T = row_TK.shape[0]
+        w_TK = weight_TK.masked_fill(row_TK < 0, 0.0).to(y_SD.dtype)
+        ctx.save_for_backward(y_SD, w_TK, row_TK)
+        ctx.weight_dtype = weight_TK.dtype
         if y_SD.shape[0] == 0:  # everything dropped
-            y_TKD = y_SD.new_zeros(T, K, y_SD.shape[1])
-        else:
-            y_TKD = y_SD.index_select(0, row_TK.clamp_min(0).reshape(-1)).view(T, K, -1)
-        w_TK = weight_TK.masked_fill(dropped_TK, 0.0).to(y_SD.dtype)
-        ctx.save_for_backward(y_TKD, w_TK, row_TK)
-        ctx.n_rows, ctx.weight_dtype = y_SD.shape[0], weight_TK.dtype
-        return torch.bmm(w_TK.unsqueeze(1), y_TKD).squeeze(1)
+            return y_SD.new_zeros(T, y_SD.shape[1])
+        return F.embedding_bag(row_TK.clamp_min(0), y_SD, per_sample_weights=w_TK, mode="sum")
 
     @staticmethod
     def backward(ctx, g_TD: Tensor):
-        y_TKD, w_TK, row_TK = ctx.saved_tensors
-        T, K, D = y_TKD.shape
-        S = ctx.n_rows
+        y_SD, w_TK, row_TK = ctx.saved_tensors
+        (T, K), (S, D) = row_TK.shape, y_SD.shape
         g_y = g_w = None
         if ctx.needs_input_grad[0]:
             g_TKD = w_TK.unsqueeze(-1) * g_TD.unsqueeze(1)
@@ -108,8 +104,12 @@ class _Unpermute(torch.autograd.Function):
             unwritten = torch.ones(S + 1, dtype=torch.bool, device=rows.device).index_fill_(0, rows, False)
             g_y = g_y.index_fill_(0, unwritten.nonzero().squeeze(1), 0.0)[:S]  # padding rows: zero gradient
         if ctx.needs_input_grad[1]:
-            # (T,1,D) @ (T,D,K): a row vector per batch; (T,K,D) @ (T,D,1) is 2x slower (per-batch clones)
-            g_w = torch.bmm(g_TD.unsqueeze(1), y_TKD.transpose(1, 2)).squeeze(1).masked_fill_(row_TK < 0, 0.0)
+            if S == 0:
+                g_w = torch.zeros_like(w_TK)
+            else:
+                y_TKD = y_SD.index_select(0, row_TK.clamp_min(0).reshape(-1)).view(T, K, D)
+                # (T,1,D) @ (T,D,K): a row vector per batch; (T,K,D) @ (T,D,1) is 2x slower (per-batch clones)
+                g_w = torch.bmm(g_TD.unsqueeze(1), y_TKD.transpose(1, 2)).squeeze(1).masked_fill_(row_TK < 0, 0.0)
             g_w = g_w.to(ctx.weight_dtype)
         return g_y, g_w, None
 
