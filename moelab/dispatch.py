@@ -79,14 +79,14 @@ class _Permute(torch.autograd.Function):
 
 class _Unpermute(torch.autograd.Function):
     """y_TD = sum_k w_TK * y_SD[row_TK] in one fused weighted gather-sum (embedding_bag: ~10x faster than
-    gather + batched GEMM, no (T,K,D) temporary); backward writes each row's gradient once (index_copy_:
-    rows are unique) and gets the weight gradient from the gathered rows."""
+    gather + batched GEMM, no (T,K,D) temporary); backward: each row's gradient is its token's gradient times
+    its weight (one gather, no scatter), the weight gradient a row-vector bmm against the gathered rows."""
 
     @staticmethod
-    def forward(ctx, y_SD: Tensor, weight_TK: Tensor, row_TK: Tensor) -> Tensor:
+    def forward(ctx, y_SD: Tensor, weight_TK: Tensor, row_TK: Tensor, token_S: Tensor, weight_S: Tensor) -> Tensor:
         T = row_TK.shape[0]
         w_TK = weight_TK.masked_fill(row_TK < 0, 0.0).to(y_SD.dtype)
-        ctx.save_for_backward(y_SD, w_TK, row_TK)
+        ctx.save_for_backward(y_SD, w_TK, row_TK, token_S, weight_S)
         ctx.weight_dtype = weight_TK.dtype
         if y_SD.shape[0] == 0:  # everything dropped
             return y_SD.new_zeros(T, y_SD.shape[1])
@@ -94,15 +94,11 @@ class _Unpermute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_TD: Tensor):
-        y_SD, w_TK, row_TK = ctx.saved_tensors
+        y_SD, w_TK, row_TK, token_S, weight_S = ctx.saved_tensors
         (T, K), (S, D) = row_TK.shape, y_SD.shape
         g_y = g_w = None
-        if ctx.needs_input_grad[0]:
-            g_TKD = w_TK.unsqueeze(-1) * g_TD.unsqueeze(1)
-            rows = torch.where(row_TK < 0, S, row_TK).reshape(-1)  # dropped slots write the spare row S
-            g_y = g_TD.new_empty(S + 1, D).index_copy_(0, rows, g_TKD.view(T * K, D))
-            unwritten = torch.ones(S + 1, dtype=torch.bool, device=rows.device).index_fill_(0, rows, False)
-            g_y = g_y.index_fill_(0, unwritten.nonzero().squeeze(1), 0.0)[:S]  # padding rows: zero gradient
+        if ctx.needs_input_grad[0]:  # row s gets w_s * g[token_s]; padding rows have w_s = 0
+            g_y = g_TD.index_select(0, token_S).mul_(weight_S.to(g_TD.dtype).unsqueeze(1))
         if ctx.needs_input_grad[1]:
             if S == 0:
                 g_w = torch.zeros_like(w_TK)
@@ -111,7 +107,7 @@ class _Unpermute(torch.autograd.Function):
                 # (T,1,D) @ (T,D,K): a row vector per batch; (T,K,D) @ (T,D,1) is 2x slower (per-batch clones)
                 g_w = torch.bmm(g_TD.unsqueeze(1), y_TKD.transpose(1, 2)).squeeze(1).masked_fill_(row_TK < 0, 0.0)
             g_w = g_w.to(ctx.weight_dtype)
-        return g_y, g_w, None
+        return g_y, g_w, None, None, None
 
 
 def permute(x_TD: Tensor, plan: DispatchPlan) -> Tensor:
@@ -125,7 +121,7 @@ def unpermute(y_SD: Tensor, plan: DispatchPlan) -> Tensor:
     """Weighted sum of each token's expert outputs back in token order (padding rows ignored)."""
     if plan.row_TK is None or plan.weight_TK is None:
         return unpermute_scatter(y_SD, plan)
-    return _Unpermute.apply(y_SD, plan.weight_TK, plan.row_TK)
+    return _Unpermute.apply(y_SD, plan.weight_TK, plan.row_TK, plan.token_S, plan.weight_S.detach())
 
 
 def unpermute_scatter(y_SD: Tensor, plan: DispatchPlan) -> Tensor:
