@@ -23,7 +23,7 @@ def _train(args: argparse.Namespace) -> int:
     kw = {"preset": args.preset, "out": args.out, "resume": args.resume, "threads": args.threads,
           "moe_changes": moe, "train_changes": tr}
     if args.nproc or args.ep or "WORLD_SIZE" in os.environ:  # expert parallel (issue 7)
-        from moelab.parallel import cli_train_ep
+        from moelab.ep_train import cli_train_ep
         return cli_train_ep(nproc=args.nproc, ep=args.ep, **kw)
     return cli_train(**kw)
 

@@ -12,20 +12,13 @@ Every collective runs under the process group's timeout (`init_distributed(timeo
 from __future__ import annotations
 
 import datetime
-import json
 import os
-import shutil
-import socket
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from moelab.dispatch import DispatchPlan, permute, sort_plan, unpermute
@@ -54,7 +47,7 @@ def init_distributed(*, backend: str = "gloo", timeout_s: float = 120.0, rank: i
     return rank, world_size
 
 
-def _world(group) -> tuple[int, int]:
+def current_world(group) -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("expert parallelism needs torch.distributed initialised: call "
                          "moelab.parallel.init_distributed(...) (or run under torchrun) first")
@@ -180,7 +173,7 @@ class EPDispatcher:
     """Expert-parallel dispatcher with the LocalDispatcher interface; counts_E returned are local (L,)."""
 
     def __init__(self, n_experts: int, placement: Placement, group=None):
-        rank, world = _world(group)  # checks only: no collective before every argument is validated
+        rank, world = current_world(group)  # checks only: no collective before every argument is validated
         if placement.n_experts != n_experts:
             raise ValueError(f"placement covers {placement.n_experts} experts but the layer has "
                              f"n_experts={n_experts}: every expert needs exactly one rank")
@@ -253,7 +246,7 @@ def shard_moe_layer(layer: nn.Module, placement: Placement | Sequence[int] | dic
     global id) and dispatch over all-to-all. The expert Parameters stay the same objects (their data is
     sliced), so an optimizer built before sharding -- and before its first step -- still holds them."""
     E = layer.cfg.n_experts
-    _, world = _world(group)
+    _, world = current_world(group)
     placement = (Placement.contiguous(E, world) if placement is None
                  else Placement.from_map(placement, n_experts=E, world_size=world))
     dispatcher = EPDispatcher(E, placement, group)
@@ -302,7 +295,7 @@ def comm_stats(model: nn.Module) -> dict[str, CommStats]:
 def comm_record(model: nn.Module, group=None) -> dict[str, list[list[int]]]:
     """Training all-to-all traffic since the last call, per rank per sharded layer, for metrics.jsonl:
     {"tokens_sent": [[layer0, layer1, ...] for each rank], ...}. A collective: call it on every rank."""
-    _, world = _world(group)
+    _, world = current_world(group)
     mine = torch.tensor([list(m.dispatcher.take_comm()) for m in _moe_layers(model) if is_sharded(m)],
                         dtype=torch.float64, device=next(model.parameters()).device).reshape(-1, len(CommStats._fields))
     every = [torch.empty_like(mine) for _ in range(world)]
@@ -317,7 +310,7 @@ def sync_grads(model: nn.Module, group=None, replica_group=None) -> None:
     all-reduced mean; expert params already hold the sum over their EP group's losses (the all-to-all
     backward brought it), so they are summed over the copies of the same shard (`replica_group`, when
     EP < W) and divided by W -- without the division they would be EP times too large."""
-    _, world = _world(group)
+    _, world = current_world(group)
     experts = {id(p) for p in expert_parameters(model)}
     shared = [p for p in model.parameters() if p.requires_grad and id(p) not in experts]
     _sum_grads(shared, group)
@@ -384,173 +377,3 @@ def update_loss_free_biases_global(model: nn.Module, group=None) -> None:
         dist.all_reduce(loads, group=group)
     for m, load_E in zip(layers, torch.split(loads, [m.cfg.n_experts for m in layers])):
         m.update_bias(load_E=load_E)
-
-
-# ----------------------------------------------------------------------------- EP x DP training
-class RankSlice:
-    """Data-parallel view of a Corpus: every rank draws the same global batch of W*B sequences (same
-    generator) and keeps its own B, so W ranks see exactly what one process with batch W*B sees."""
-
-    def __init__(self, corpus, rank: int, world_size: int):
-        self.corpus, self.rank, self.world_size = corpus, rank, world_size
-
-    def sample(self, batch_size: int, seq_len: int, gen: torch.Generator):
-        b = self.corpus.sample(batch_size * self.world_size, seq_len, gen)
-        rows = slice(self.rank * batch_size, (self.rank + 1) * batch_size)
-        return type(b)(*(t[rows] for t in b))
-
-    def __getattr__(self, name: str):  # domains, val_batches, unigram_loss, ...: the full corpus
-        return getattr(self.corpus, name)
-
-
-def global_grad_norm(model: nn.Module, params: list[Tensor], group=None) -> Tensor:
-    """L2 norm of all gradients of the whole (sharded) model: replicated grads once, expert grads summed
-    over the EP `group` (one full set of experts); identical on every rank, so clipping keeps replicas equal."""
-    experts = {id(p) for p in expert_parameters(model)}
-    zero = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
-    rep = sum((p.grad.double().pow(2).sum() for p in params if id(p) not in experts), zero)
-    exp = sum((p.grad.double().pow(2).sum() for p in params if id(p) in experts), zero).reshape(1)
-    dist.all_reduce(exp, group=group)
-    return (rep + exp[0]).sqrt().float()
-
-
-def ep_groups(ep: int, timeout_s: float = 120.0):
-    """(ep_group, replica_group) for EP x DP with expert replicas: blocks of `ep` consecutive ranks each hold
-    all experts; ranks at the same position in their blocks hold the same shard. (None, None) when ep equals
-    the world size. Collective: every rank must call it, in the same order."""
-    rank, world = _world(None)
-    if not isinstance(ep, int) or ep < 1 or world % ep:
-        raise ValueError(f"ep={ep!r} is invalid: allowed a divisor of the world size {world}")
-    if ep == world:
-        return None, None
-    timeout = datetime.timedelta(seconds=timeout_s)
-    blocks = [dist.new_group(list(range(g * ep, (g + 1) * ep)), timeout=timeout) for g in range(world // ep)]
-    copies = [dist.new_group(list(range(i, world, ep)), timeout=timeout) for i in range(ep)]
-    return blocks[rank // ep], copies[rank % ep]
-
-
-def _all_reduce_sum(t: Tensor, group=None) -> Tensor:
-    t = t.clone()
-    dist.all_reduce(t, group=group)
-    return t
-
-
-def _ep_bias_update(model: nn.Module, group=None) -> None:
-    update_loss_free_biases_global(model, group)
-    reset_global_balance(model)
-
-
-def ep_trainer(model_cfg, cfg, out, *, ep: int | None = None, placement=None, timeout_s: float = 120.0):
-    """A moelab.train.Trainer for EP x DP on this rank. Experts are sharded over blocks of `ep` ranks
-    (default: all W ranks; with ep < W each shard has W/ep copies), the rest is replicated with averaged
-    grads (DP); data = this rank's slice of a global batch of W * cfg.batch_size; global-batch LBL and
-    loss-free loads are all-reduced over all ranks; clipping uses the global norm. Rank r writes out/rank{r}."""
-    from moelab.data import build_corpus
-    from moelab.train import Trainer
-    rank, world = _world(None)
-    ep_group, replica_group = ep_groups(ep or world, timeout_s)
-    corpus = RankSlice(build_corpus(list(cfg.data), val_fraction=cfg.val_fraction), rank, world)
-    t = Trainer(model_cfg, cfg, Path(out) / f"rank{rank}", corpus=corpus, verbose=rank == 0)
-    shard_model(t.model, placement, ep_group)  # same seed on every rank: replicas start equal
-    enable_global_balance(t.model)
-    t.grad_sync = partial(sync_grads, replica_group=replica_group)
-    t.reduce_metrics = _all_reduce_sum
-    t.bias_update = _ep_bias_update
-    t.grad_norm = partial(global_grad_norm, t.model, group=ep_group)
-    if rank == 0:
-        write_ep_meta(t.model, out, ep or world)
-    step = t.train_step
-
-    def train_step_with_comm() -> dict:  # the trainer's record + all-to-all traffic per rank per layer
-        rec = step()
-        return {**rec, "a2a": comm_record(t.model)}
-    t.train_step = train_step_with_comm
-    return t
-
-
-def write_ep_meta(model: nn.Module, out, ep: int) -> None:
-    """out/ep.json: EP size and each sharded layer's placement (what merge_ep_run needs)."""
-    from moelab.moe import MoELayer
-    placement = {name: list(m.dispatcher.placement.rank_E) for name, m in model.named_modules()
-                 if isinstance(m, MoELayer) and is_sharded(m)}
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "ep.json").write_text(json.dumps({"ep_size": ep, "placement": placement}, indent=1))
-
-
-def merge_ep_run(out) -> Path:
-    """Merge the ranks' latest checkpoints (out/rank{r}/ckpt/step_N) into one full checkpoint out/ckpt/step_N
-    and copy rank 0's metrics/summary/config to out, so eval / generate / plot / trace work on `out`."""
-    from safetensors.torch import load_file, save_file
-
-    from moelab.train import list_checkpoints
-    out = Path(out)
-    meta = json.loads((out / "ep.json").read_text())
-    shards = [(list_checkpoints(out / f"rank{r}") or [None])[-1] for r in range(meta["ep_size"])]
-    if any(s is None for s in shards) or len({s.name for s in shards}) != 1:
-        raise ValueError(f"ranks of {out} have no common latest checkpoint: {shards}")
-    tensors = [load_file(str(s / "model.safetensors")) for s in shards]
-    full = dict(tensors[0])
-    for layer, rank_E in meta["placement"].items():
-        for w in ("w_up_EDH", "w_down_EFD"):
-            key = f"{layer}.experts.{w}"
-            merged = tensors[0][key].new_empty((len(rank_E),) + tuple(tensors[0][key].shape[1:]))
-            for r, t in enumerate(tensors):
-                merged[[e for e, re in enumerate(rank_E) if re == r]] = t[key]
-            full[key] = merged
-    dst = out / "ckpt" / shards[0].name
-    dst.mkdir(parents=True, exist_ok=True)
-    save_file(full, str(dst / "model.safetensors"))
-    state = json.loads((shards[0] / "state.json").read_text())
-    (dst / "state.json").write_text(json.dumps({**state, "merged_from_ep_ranks": meta["ep_size"]}, indent=1))
-    for f in ("metrics.jsonl", "summary.json", "config.json"):
-        if (out / "rank0" / f).exists():
-            shutil.copyfile(out / "rank0" / f, out / f)
-    return dst
-
-
-def _ep_train_rank(rank: int | None, world: int, port: int | None, timeout_s: float, ep: int,
-                   kwargs: dict) -> None:
-    """One rank of `moelab train --ep`: spawned (rank, port given) or under torchrun (env)."""
-    from moelab.train import cli_train
-    if port is not None:
-        init_distributed(backend="gloo", timeout_s=timeout_s, rank=rank, world_size=world,
-                         init_method=f"tcp://127.0.0.1:{port}")
-    else:
-        init_distributed(backend="gloo", timeout_s=timeout_s)
-    rank = dist.get_rank()
-    try:
-        if rank != 0:
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 speaks for all
-        cli_train(**kwargs, make_trainer=partial(ep_trainer, ep=ep, timeout_s=timeout_s))
-        dist.barrier()  # every rank has written its final checkpoint
-        if rank == 0:
-            print(f"merged checkpoint: {merge_ep_run(kwargs['out'])}")
-    finally:
-        dist.destroy_process_group()
-
-
-def cli_train_ep(*, nproc: int | None, ep: int | None, timeout_s: float = 300.0, **train_kwargs) -> int:
-    """`moelab train --nproc N --ep P ...`: spawn N local gloo processes (or, under torchrun, use its
-    RANK/WORLD_SIZE) and train EP x DP: experts sharded over blocks of P ranks (default N), N/P copies of
-    each shard, everything else data parallel over the N ranks."""
-    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    world = int(os.environ["WORLD_SIZE"]) if torchrun else (nproc or ep or 0)
-    if nproc is not None and torchrun and nproc != world:
-        raise ValueError(f"--nproc={nproc} is invalid under torchrun: allowed the torchrun world size {world}")
-    if not isinstance(world, int) or world < 1:
-        raise ValueError(f"--nproc={nproc} is invalid: allowed an integer >= 1")
-    ep = world if ep is None else ep
-    if not isinstance(ep, int) or ep < 1 or world % ep:
-        raise ValueError(f"--ep={ep} is invalid: allowed a divisor of the number of processes ({world})")
-    from moelab.presets import get_preset
-    get_preset(train_kwargs["preset"], **train_kwargs.get("moe_changes", {}))  # bad names fail here, once
-    kwargs = {**train_kwargs, "threads": train_kwargs.get("threads") or 1}  # 1 thread per rank by default
-    if torchrun:
-        _ep_train_rank(None, world, None, timeout_s, ep, kwargs)
-        return 0
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_ep_train_rank, args=(world, port, timeout_s, ep, kwargs), nprocs=world, join=True,
-                       start_method="spawn")
-    return 0

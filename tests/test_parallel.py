@@ -226,7 +226,7 @@ def _worker(rank, world, train_steps: bool, lm_run=None):
 
 
 def _train_with_replicas(rank, world, model_cfg, cfg, out, ep):
-    from moelab.parallel import ep_trainer
+    from moelab.ep_train import ep_trainer
     t = ep_trainer(model_cfg, cfg, out, ep=ep)
     losses = [t.train_step()["loss"] for _ in range(cfg.steps)]
     for n, p in t.model.named_parameters():
@@ -277,7 +277,7 @@ def test_placement_errors_before_any_collective(monkeypatch):
         init_distributed(backend="mpi", rank=0, world_size=1)
     with pytest.raises(ValueError, match="init_distributed"):  # no process group: refuse, do not hang
         EPDispatcher(4, Placement.contiguous(4, 2))
-    from moelab.parallel import cli_train_ep
+    from moelab.ep_train import cli_train_ep
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     kw = {"preset": "tiny", "out": "unused", "resume": False, "threads": None, "moe_changes": {},
           "train_changes": {}}
@@ -316,7 +316,7 @@ def _train_cfg(data_dir, **kw):
 
 
 def _train_worker(rank, world, runs, out):
-    from moelab.parallel import ep_trainer, merge_ep_run
+    from moelab.ep_train import ep_trainer, merge_ep_run
     losses = []
     for i, (model_cfg, cfg) in enumerate(runs):
         t = ep_trainer(model_cfg, cfg, f"{out}/run{i}")

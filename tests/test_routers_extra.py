@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from moelab import balance
 from moelab.config import MoEConfig
 from moelab.moe import MoELayer
 from moelab.routers import ROUTERS, RouteContext, Routing, route_topk, sinkhorn_plan
