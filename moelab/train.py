@@ -35,6 +35,7 @@ from moelab import balance
 from moelab.data import Batch, Corpus, build_corpus
 from moelab.model import LMOutput, ModelConfig, MoELM, lm_loss, param_count
 from moelab.moe import MoELayer, update_loss_free_biases
+from moelab.parallel import enable_global_balance, reset_global_balance
 
 CKPT_RE = re.compile(r"^step_(\d{8})$")
 
@@ -175,6 +176,7 @@ class Trainer:
         self.corpus = corpus if corpus is not None else build_corpus(list(cfg.data), val_fraction=cfg.val_fraction)
         torch.manual_seed(cfg.seed)
         self.model = MoELM(model_cfg)
+        enable_global_balance(self.model)  # balance="global": f from counts summed over micro-batches (and ranks)
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "tok_emb" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "tok_emb" not in n)]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -232,6 +234,7 @@ class Trainer:
             torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, gnorm)
         self.opt.step()
         self.bias_update(model)
+        reset_global_balance(model)  # the global-batch counts span one optimizer step
         self.step += 1
         flat = torch.cat([sums, counts_LE.flatten(), torch.stack(list(named.values())) if named else torch.zeros(0)])
         if self.reduce_metrics is not None:

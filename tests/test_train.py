@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from moelab.config import MoEConfig
 from moelab.data import build_corpus
 from moelab.model import ModelConfig
+from moelab.moe import MoELayer
 from moelab.train import (
     NonFiniteError,
     TrainConfig,
@@ -265,3 +266,35 @@ def test_nan_gradient_names_step_and_layer(tmp_path, corpus):
     ck = list_checkpoints(tmp_path / "g")[-1]
     assert ck.name == "step_00000001"
     assert all(torch.isfinite(v).all() for v in load_file(str(ck / "model.safetensors")).values())
+
+
+def test_global_balance_counts_span_the_micro_batches_of_one_step(tmp_path, corpus):
+    """balance="global" in one process: micro-batch 2's f uses the counts of micro-batches 1+2 (Qiu et al.
+    2025), and the sum restarts at each optimizer step."""
+    tr = Trainer(tiny_model("global"), train_cfg(grad_accum=2), tmp_path, corpus=corpus, verbose=False)
+    layers = [m for m in tr.model.modules() if isinstance(m, MoELayer)]
+    assert layers and all(m.global_counts is not None for m in layers)
+    seen = []
+
+    class Recorder:  # wraps the layer's GlobalBatchCounts: records (this micro-batch's counts, the sum used)
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, counts_E):
+            seen.append((counts_E.clone(), self.inner(counts_E)))
+            return seen[-1][1]
+
+        def reset(self):
+            self.inner.reset()
+
+    for m in layers:
+        m.global_counts = Recorder(m.global_counts)
+    tr.train_step()
+    tr.train_step()
+    L = len(layers)
+    assert len(seen) == 2 * 2 * L  # 2 steps x 2 micro-batches x L layers
+    for step in range(2):
+        for j in range(L):
+            (c1, s1), (c2, s2) = seen[step * 2 * L + j], seen[step * 2 * L + L + j]
+            torch.testing.assert_close(s1, c1.float())           # first micro-batch of a step: its own counts
+            torch.testing.assert_close(s2, (c1 + c2).float())    # second: accumulated
