@@ -14,9 +14,8 @@ from torch import Tensor
 
 def expert_counts(*, expert_idx_TK: Tensor, n_experts: int) -> Tensor:
     """Number of slots routed to each expert, ignoring -1 slots -> (E,) float32."""
-    idx = expert_idx_TK.reshape(-1)
-    idx = idx[idx >= 0]
-    return torch.bincount(idx, minlength=n_experts).float()
+    shifted = expert_idx_TK.reshape(-1) + 1  # -1 -> bin 0, dropped below (no boolean-mask copy)
+    return torch.bincount(shifted, minlength=n_experts + 1)[1:].float()
 
 
 def _valid(valid_T: Tensor | None, T: int, device) -> Tensor:
