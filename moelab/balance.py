@@ -18,25 +18,29 @@ def expert_counts(*, expert_idx_TK: Tensor, n_experts: int) -> Tensor:
     return torch.bincount(shifted, minlength=n_experts + 1)[1:].float()
 
 
-def _valid(valid_T: Tensor | None, T: int, device) -> Tensor:
+def valid_mask(valid_T: Tensor | None, T: int, device) -> Tensor:
+    """The (T,) bool mask of real tokens; all True when no mask is given."""
     return torch.ones(T, dtype=torch.bool, device=device) if valid_T is None else valid_T.reshape(-1)
 
 
 def switch_aux_loss(*, probs_TE: Tensor, expert_idx_TK: Tensor, n_experts: int,
-                    valid_T: Tensor | None = None, counts_E: Tensor | None = None) -> Tensor:
+                    valid_T: Tensor | None = None, counts_E: Tensor | None = None,
+                    eta_E: Tensor | None = None) -> Tensor:
     """Switch Transformer (Fedus et al. 2021) eq. 4: E * sum_i f_i * P_i.
 
     f_i = share of routed slots that go to expert i, P_i = mean router probability of i over real
     tokens. Equals 1.0 under perfectly uniform routing. transformers' `load_balancing_loss_func`
     returns top_k * this value (its f sums to k), pooled over the layers it concatenates.
     `counts_E` may be passed pre-reduced (global-batch balancing); it is treated as a constant.
+    `eta_E` weights each expert's term (MoE++'s heterogeneous loss); None = all 1.
     """
-    valid_T = _valid(valid_T, probs_TE.shape[0], probs_TE.device)
+    valid_T = valid_mask(valid_T, probs_TE.shape[0], probs_TE.device)
     if counts_E is None:
         counts_E = expert_counts(expert_idx_TK=expert_idx_TK[valid_T], n_experts=n_experts)
     f_E = counts_E / counts_E.sum().clamp_min(1.0)
     P_E = probs_TE[valid_T].mean(0) if bool(valid_T.any()) else probs_TE.sum(0) * 0.0
-    return n_experts * (f_E.detach() * P_E).sum()
+    fP_E = f_E.detach() * P_E
+    return n_experts * (fP_E if eta_E is None else eta_E * fP_E).sum()
 
 
 def seq_aux_loss(*, probs_BSE: Tensor, expert_idx_BSK: Tensor, n_experts: int, top_k: int,
@@ -58,7 +62,7 @@ def seq_aux_loss(*, probs_BSE: Tensor, expert_idx_BSK: Tensor, n_experts: int, t
 
 def z_loss(*, logits_TE: Tensor, valid_T: Tensor | None = None) -> Tensor:
     """ST-MoE (Zoph et al. 2022) eq. 5: mean over tokens of logsumexp(logits)^2."""
-    valid_T = _valid(valid_T, logits_TE.shape[0], logits_TE.device)
+    valid_T = valid_mask(valid_T, logits_TE.shape[0], logits_TE.device)
     lse_T = torch.logsumexp(logits_TE, dim=-1) ** 2
     return (lse_T * valid_T).sum() / valid_T.sum().clamp_min(1)
 

@@ -145,7 +145,8 @@ class MoELayer(nn.Module):
         out: dict[str, Tensor] = {}
         if cfg.balance == "global" and self.global_counts is not None and self.training and torch.is_grad_enabled():
             counts_E = self.global_counts(counts_E)  # summed over DP ranks and micro-batches (parallel.py)
-        if cfg.balance in ("aux", "global") and cfg.aux_loss_coef > 0:
+        over_all_outputs = cfg.n_special and cfg.balance == "aux"  # special_experts.router_losses owns "aux"
+        if cfg.balance in ("aux", "global") and cfg.aux_loss_coef > 0 and not over_all_outputs:
             out["aux"] = balance.switch_aux_loss(probs_TE=routing.probs_TE, expert_idx_TK=routing.expert_idx_TK,
                                                  n_experts=cfg.n_experts, valid_T=valid_T, counts_E=counts_E)
         if cfg.balance == "seq" and cfg.aux_loss_coef > 0:

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from moelab.balance import expert_counts
+from moelab.balance import switch_aux_loss, valid_mask
 from moelab.config import MoEConfig
 from moelab.routers import Routing
 
@@ -56,35 +56,28 @@ class SpecialExperts(nn.Module):
         return SpecialSplit(y_TD.to(x_TD.dtype), real, routing)
 
 
-def _valid(valid_T: Tensor | None, T: int, device) -> Tensor:
-    return torch.ones(T, dtype=torch.bool, device=device) if valid_T is None else valid_T.reshape(-1)
-
-
 def special_aux_loss(*, probs_TN: Tensor, expert_idx_TK: Tensor, n_experts: int, tau: float,
                      valid_T: Tensor | None = None) -> Tensor:
     """MoE++ (Jin et al. 2024, arXiv 2410.07348) heterogeneous balance loss: N * sum_i eta_i f_i P_i over all
     N router outputs, eta_i = 1 for the E FFN experts and tau for null/zero/copy/const ones (tau=1: Switch)."""
-    T, N = probs_TN.shape
-    valid_T = _valid(valid_T, T, probs_TN.device)
-    counts_N = expert_counts(expert_idx_TK=expert_idx_TK[valid_T], n_experts=N)
-    f_N = counts_N / counts_N.sum().clamp_min(1.0)
-    P_N = probs_TN[valid_T].mean(0) if bool(valid_T.any()) else probs_TN.sum(0) * 0.0
+    N = probs_TN.shape[1]
     eta_N = torch.ones(N, device=probs_TN.device)
     eta_N[n_experts:] = tau
-    return N * (eta_N * f_N.detach() * P_N).sum()
+    return switch_aux_loss(probs_TE=probs_TN, expert_idx_TK=expert_idx_TK, n_experts=N, valid_T=valid_T,
+                           eta_E=eta_N)
 
 
 def top_p_entropy_loss(*, probs_TE: Tensor, valid_T: Tensor | None = None) -> Tensor:
     """Dynamic-routing loss of Huang et al. 2024 ("Harder Tasks Need More Experts", arXiv 2403.07652):
     mean over real tokens of the routing entropy -sum_e p_e log p_e (low entropy -> fewer experts pass p)."""
-    valid_T = _valid(valid_T, probs_TE.shape[0], probs_TE.device)
+    valid_T = valid_mask(valid_T, probs_TE.shape[0], probs_TE.device)
     ent_T = -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum(-1)
     return (ent_T * valid_T).sum() / valid_T.sum().clamp_min(1)
 
 
 def relu_l1_loss(*, logits_TE: Tensor, valid_T: Tensor | None = None) -> Tensor:
     """ReMoE (Wang et al. 2024, arXiv 2412.14711) L1 sparsity penalty: mean over real tokens of sum_e ReLU(logit)."""
-    valid_T = _valid(valid_T, logits_TE.shape[0], logits_TE.device)
+    valid_T = valid_mask(valid_T, logits_TE.shape[0], logits_TE.device)
     return (torch.relu(logits_TE).sum(-1) * valid_T).sum() / valid_T.sum().clamp_min(1)
 
 
@@ -115,7 +108,7 @@ def router_stats(*, cfg: MoEConfig, full: Routing, valid_T: Tensor | None) -> di
     token, FLOPs saved vs a fixed top_k over real experts (1 - real/top_k; negative = more compute), and
     the share of zero router outputs (gate sparsity, the quantity ReMoE steers to 1 - k/N)."""
     idx_TK = full.expert_idx_TK
-    valid_T = _valid(valid_T, idx_TK.shape[0], idx_TK.device)
+    valid_T = valid_mask(valid_T, idx_TK.shape[0], idx_TK.device)
     n_tok = valid_T.sum().clamp_min(1).float()
     used_TK = (idx_TK >= 0) & valid_T[:, None]
     real = (used_TK & (idx_TK < cfg.n_experts)).sum() / n_tok
