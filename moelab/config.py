@@ -9,6 +9,15 @@ BALANCES = ("aux", "seq", "global", "loss_free", "none")
 EXPERT_IMPLS = ("grouped", "loop", "grouped_mm", "padded", "sparse")  # keys of experts.EXPERT_IMPLS
 
 
+def replace_fields(cfg, changes: dict):
+    """A copy of the frozen dataclass `cfg` with `changes` (validated again); unknown names raise a clear error."""
+    names = {f.name for f in fields(cfg)}
+    bad = sorted(set(changes) - names)
+    if bad:
+        raise ValueError(f"unknown {type(cfg).__name__} field(s) {bad}: allowed {sorted(names)}")
+    return type(cfg)(**{**{n: getattr(cfg, n) for n in names}, **changes})
+
+
 def _need(ok: bool, field: str, value, allowed: str) -> None:
     if not ok:
         raise ValueError(f"MoEConfig.{field}={value!r} is invalid: allowed {allowed}")
@@ -124,9 +133,4 @@ class MoEConfig:
         return self.n_shared * (self.d_shared or self.d_expert)
 
     def replace(self, **changes) -> "MoEConfig":
-        """A copy with `changes`; unknown names raise a clear error."""
-        names = {f.name for f in fields(self)}
-        bad = sorted(set(changes) - names)
-        if bad:
-            raise ValueError(f"unknown MoEConfig field(s) {bad}: allowed {sorted(names)}")
-        return type(self)(**{**{n: getattr(self, n) for n in names}, **changes})
+        return replace_fields(self, changes)

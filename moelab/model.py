@@ -6,14 +6,14 @@ Readable top to bottom: `ModelConfig` -> `Block` (attention + dense or MoE FFN) 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab.config import MoEConfig
+from moelab.config import MoEConfig, replace_fields
 from moelab.experts import Experts
 from moelab.moe import MoELayer, MoEResult
 
@@ -62,11 +62,7 @@ class ModelConfig:
         return [i for i in range(self.n_layers) if self.is_moe(i)]
 
     def replace(self, **changes) -> ModelConfig:
-        names = {f.name for f in fields(self)}
-        bad = sorted(set(changes) - names)
-        if bad:
-            raise ValueError(f"unknown ModelConfig field(s) {bad}: allowed {sorted(names)}")
-        return type(self)(**{**{n: getattr(self, n) for n in names}, **changes})
+        return replace_fields(self, changes)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -180,9 +180,13 @@ class MoELayer(nn.Module):
         self.expert_load.zero_()
 
 
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """Every MoELayer of `model`, in registration (= forward) order."""
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
 def update_loss_free_biases(model: nn.Module) -> None:
     """Call after each optimizer step: updates every loss-free MoE layer's bias from its counts."""
-    for m in model.modules():
-        if isinstance(m, MoELayer):
-            m.update_bias()
+    for m in moe_layers(model):
+        m.update_bias()
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moelab.dispatch import DispatchPlan, permute, sort_plan, unpermute
+from moelab.moe import MoELayer, moe_layers
 from moelab.routers import Routing
 
 BACKENDS = ("gloo", "nccl")
@@ -235,11 +236,6 @@ class EPDispatcher:
 
 
 # ----------------------------------------------------------------------------- model surgery
-def _moe_layers(model: nn.Module) -> list[nn.Module]:
-    from moelab.moe import MoELayer  # late import: moe imports dispatch, which this module mirrors
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
-
-
 def shard_moe_layer(layer: nn.Module, placement: Placement | Sequence[int] | dict | None = None,
                     group=None) -> nn.Module:
     """Turn a full MoELayer into its EP version in place: keep only this rank's experts' weights (ascending
@@ -263,7 +259,7 @@ def shard_moe_layer(layer: nn.Module, placement: Placement | Sequence[int] | dic
 def shard_model(model: nn.Module, placements=None, group=None) -> nn.Module:
     """Shard every MoELayer (in module order). `placements`: None (contiguous), one map for all layers,
     or a list with one map per layer."""
-    layers = _moe_layers(model)
+    layers = moe_layers(model)
     if isinstance(placements, list) and placements and not isinstance(placements[0], int):
         if len(placements) != len(layers):
             raise ValueError(f"got {len(placements)} placements for {len(layers)} MoE layers: "
@@ -282,12 +278,11 @@ def is_sharded(layer: nn.Module) -> bool:
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters that live on one rank only (the sharded experts); all others are replicated."""
-    return [p for m in _moe_layers(model) if is_sharded(m) for p in m.experts.parameters()]
+    return [p for m in moe_layers(model) if is_sharded(m) for p in m.experts.parameters()]
 
 
 def comm_stats(model: nn.Module) -> dict[str, CommStats]:
     """Latest forward traffic per sharded MoE layer, keyed like model.named_modules()."""
-    from moelab.moe import MoELayer
     return {name: m.dispatcher.last_comm for name, m in model.named_modules()
             if isinstance(m, MoELayer) and is_sharded(m)}
 
@@ -296,7 +291,7 @@ def comm_record(model: nn.Module, group=None) -> dict[str, list[list[int]]]:
     """Training all-to-all traffic since the last call, per rank per sharded layer, for metrics.jsonl:
     {"tokens_sent": [[layer0, layer1, ...] for each rank], ...}. A collective: call it on every rank."""
     _, world = current_world(group)
-    mine = torch.tensor([list(m.dispatcher.take_comm()) for m in _moe_layers(model) if is_sharded(m)],
+    mine = torch.tensor([list(m.dispatcher.take_comm()) for m in moe_layers(model) if is_sharded(m)],
                         dtype=torch.float64, device=next(model.parameters()).device).reshape(-1, len(CommStats._fields))
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
@@ -354,13 +349,13 @@ class GlobalBatchCounts:
 
 def enable_global_balance(model: nn.Module, group=None) -> None:
     """Give every MoE layer with balance='global' its own GlobalBatchCounts."""
-    for m in _moe_layers(model):
+    for m in moe_layers(model):
         if m.cfg.balance == "global":
             m.global_counts = GlobalBatchCounts(group)
 
 
 def reset_global_balance(model: nn.Module) -> None:
-    for m in _moe_layers(model):
+    for m in moe_layers(model):
         if getattr(m, "global_counts", None) is not None:
             m.global_counts.reset()
 
@@ -369,7 +364,7 @@ def reset_global_balance(model: nn.Module) -> None:
 def update_loss_free_biases_global(model: nn.Module, group=None) -> None:
     """Loss-free bias step (Wang et al. 2024, arXiv 2408.15664, Alg. 1) on loads all-reduced over ranks,
     so every rank applies the same update and keeps the same bias."""
-    layers = [m for m in _moe_layers(model) if m.cfg.balance == "loss_free"]
+    layers = [m for m in moe_layers(model) if m.cfg.balance == "loss_free"]
     if not layers:
         return
     loads = torch.cat([m.expert_load for m in layers])

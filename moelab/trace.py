@@ -177,8 +177,8 @@ def cursors(trace: Trace) -> list[RoutingCursor]:
 
 def moe_layers(model: nn.Module) -> list[nn.Module]:
     """The model's moelab MoELayers in registration (= forward) order."""
-    from moelab.moe import MoELayer
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    from moelab.moe import moe_layers as all_moe_layers
+    layers = all_moe_layers(model)
     if not layers:
         raise ValueError(f"model {type(model).__name__} has no moelab.moe.MoELayer to trace")
     return layers

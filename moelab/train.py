@@ -15,7 +15,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from moelab import balance
+from moelab.config import replace_fields
 from moelab.data import Batch, Corpus, build_corpus
 from moelab.model import LMOutput, ModelConfig, MoELM, lm_loss, param_count
 from moelab.moe import MoELayer, update_loss_free_biases
@@ -76,11 +77,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_lr_ratio={self.min_lr_ratio} is invalid: allowed 0..1")
 
     def replace(self, **changes) -> TrainConfig:
-        names = {f.name for f in fields(self)}
-        bad = sorted(set(changes) - names)
-        if bad:
-            raise ValueError(f"unknown TrainConfig field(s) {bad}: allowed {sorted(names)}")
-        return type(self)(**{**asdict(self), **changes})
+        return replace_fields(self, changes)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
