@@ -106,7 +106,7 @@ class MoELayer(nn.Module):
 
         y_TD = self.experts_forward(x_TD, routing)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD, torch.tensor([x_TD.shape[0]]), cfg.expert_impl)
+            y_TD = y_TD + self.shared.expert(0, x_TD)  # one fused dense MLP, every token
         if self.special is not None:
             y_TD = y_TD + special_out.y_TD
 
