@@ -217,14 +217,19 @@ REPLAY_WEIGHTS = ("recorded", "router")
 _DIFFERENTIABLE = ("topk", "sigmoid_group", "adamoe", "moepp")  # routers whose weights router_weights() re-derives
 
 
+def _require_differentiable(routers: set[str]) -> None:
+    bad = sorted(routers - set(_DIFFERENTIABLE))
+    if bad:
+        raise ValueError(f"replay weights='router' is invalid for router(s) {bad}: allowed routers "
+                         f"{', '.join(_DIFFERENTIABLE)} (or weights='recorded')")
+
+
 def router_weights(routing, idx_TK: Tensor, cfg) -> Tensor:
     """Combine weights the router itself would give experts `idx_TK`, differentiable in its logits: the
     router's scores at those experts, normalised over the k when the router normalises, times
     routed_scaling_factor (softmax over the k chosen logits == renormalised full softmax). Routing replay
     with the current policy's gates as in R3 (Ma et al. 2025, arXiv 2510.11370, §3)."""
-    if cfg.router not in _DIFFERENTIABLE:
-        raise ValueError(f"replay weights='router' is invalid for router={cfg.router!r}: allowed routers "
-                         f"{', '.join(_DIFFERENTIABLE)} (or weights='recorded')")
+    _require_differentiable({cfg.router})
     keep_TK = idx_TK >= 0
     w_TK = routing.probs_TE.gather(1, idx_TK.clamp_min(0)) * keep_TK
     if cfg.renormalize or (cfg.router != "sigmoid_group" and cfg.score_order == "topk_softmax"):
@@ -242,10 +247,8 @@ def replay_moelab(model: nn.Module, trace: Trace, weights: str = "recorded") -> 
     layers = moe_layers(model)
     if len(layers) != trace.n_layers:
         raise ValueError(f"trace has {trace.n_layers} MoE layers, the model has {len(layers)}")
-    bad = sorted({m.cfg.router for m in layers} - set(_DIFFERENTIABLE)) if weights == "router" else []
-    if bad:
-        raise ValueError(f"replay weights='router' is invalid for router(s) {bad}: allowed routers "
-                         f"{', '.join(_DIFFERENTIABLE)} (or weights='recorded')")
+    if weights == "router":  # fail before any forward, not inside the first one
+        _require_differentiable({m.cfg.router for m in layers})
     curs = cursors(trace)
 
     def override(cursor: RoutingCursor, name: str, cfg):
