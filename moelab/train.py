@@ -79,6 +79,11 @@ class TrainConfig:
     def replace(self, **changes) -> TrainConfig:
         return replace_fields(self, changes)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """Inverse of asdict (JSON turns the data tuple into a list)."""
+        return cls(**{**d, "data": tuple(d["data"])})
+
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to cfg.lr, then cosine decay to min_lr_ratio * lr at cfg.steps (Loshchilov & Hutter 2017)."""
@@ -429,8 +434,8 @@ def cli_train(*, preset: str, out: str, resume: bool, threads: int | None, moe_c
     if resume and (Path(out) / "config.json").exists():  # resume with the run's own configs
         saved = json.loads((Path(out) / "config.json").read_text())
         model_cfg = ModelConfig.from_dict(saved["model_config"])
-        cfg = TrainConfig(**{**saved["train_config"], "data": tuple(saved["train_config"]["data"]),
-                             "steps": changes.get("steps", saved["train_config"]["steps"])})
+        cfg = TrainConfig.from_dict(saved["train_config"])
+        cfg = cfg.replace(steps=changes.get("steps", cfg.steps))
     else:
         cfg = TrainConfig(**changes)
     summary = make_trainer(model_cfg, cfg, out).fit(resume=resume)
@@ -444,8 +449,8 @@ def cli_eval(*, run: str, ckpt: str | None, batches: int | None, threads: int | 
     if threads:
         torch.set_num_threads(threads)
     model, meta = load_model(run, ckpt)
-    tc = meta["train_config"]
-    cfg = TrainConfig(**{**tc, "data": tuple(tc["data"]), **({"eval_batches": batches} if batches else {})})
+    cfg = TrainConfig.from_dict(meta["train_config"])
+    cfg = cfg.replace(eval_batches=batches) if batches else cfg
     corpus = build_corpus(list(cfg.data), val_fraction=cfg.val_fraction)
     ev = evaluate(model, corpus, cfg)
     summary = {"step": meta["step"], **ev, "unigram_loss": {d: corpus.unigram_loss(d) for d in corpus.domains}}
