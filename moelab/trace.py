@@ -346,13 +346,14 @@ def trace_hf(model: nn.Module, wins: list, domains: list[str], *, batch_size: in
 def trace_run(run: str | Path, data: list[str] | None = None, *, seq_len: int = 128, max_tokens: int = 16384,
               batch_size: int = 8, logits: bool = True) -> Trace:
     """`moelab trace RUN`: the run's latest checkpoint over validation windows of each domain of `data`
-    (None = the built-in corpus), never over text it trained on."""
+    (None = the run's own training data), split with the run's val_fraction: never text it trained on."""
     from moelab.data import build_corpus
     from moelab.model import BOS_ID, EOS_ID, PAD_ID
-    from moelab.train import load_model
+    from moelab.train import TrainConfig, load_model
     model, state = load_model(run)
     seq_len = min(seq_len, model.cfg.max_seq_len)
-    corpus = build_corpus(data or None)
+    cfg = TrainConfig.from_dict(state["train_config"])
+    corpus = build_corpus(list(data) if data else list(cfg.data), val_fraction=cfg.val_fraction)
     docs = [(d, corpus.val[d].long().tolist()) for d in corpus.domains]
     domains, wins = windows(docs, seq_len, max_tokens)
     tr = trace_moelab(model, wins, domains, batch_size=batch_size, logits=logits,

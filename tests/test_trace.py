@@ -215,6 +215,11 @@ def test_cli_trace_run_then_analyze(tmp_path, capsys):
     with torch.no_grad():
         res = model(ids).moe
     assert np.array_equal(tr.expert_idx_LNK[:, :16], np.stack([r.routing.expert_idx_TK.numpy() for r in res.values()]))
+    # without --data the run is traced on its own data's validation split (same val_fraction), not the built-in corpus
+    assert main(["trace", str(tmp_path / "run"), "--out", str(tmp_path / "own.npz"), "--seq-len", "16",
+                 "--max-tokens", "64"]) == 0
+    own = load_trace(tmp_path / "own.npz")
+    assert own.domains == ("code", "prose") and np.array_equal(own.token_ids_N, tr.token_ids_N)
     assert main(["analyze", str(out), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "index.html").is_file() and "report:" in capsys.readouterr().out
     assert main(["trace", "--out", str(out)]) == 2  # neither RUN nor --hf: clear error, no traceback
