@@ -1,12 +1,14 @@
 """Frozen, validated configs. Every bad value raises ValueError naming the field and what is allowed."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 ACTIVATIONS = ("swiglu", "gelu")
 SCORE_ORDERS = ("softmax_topk", "topk_softmax")
 BALANCES = ("aux", "seq", "global", "loss_free", "none")
-EXPERT_IMPLS = ("grouped", "loop", "grouped_mm", "padded", "sparse")  # keys of experts.EXPERT_IMPLS
+EXPERT_IMPLS = ("grouped", "loop", "grouped_mm", "padded", "sparse")  # experts.IMPLS: grouped = auto
+# keys of routers.ROUTERS (routers.py checks they agree; listed here so validation needs no import of it)
+ROUTER_NAMES = ("topk", "sigmoid_group", "expert_choice", "top_p", "relu", "hash", "random", "base", "adamoe", "moepp")
 
 
 def replace_fields(cfg, changes: dict):
@@ -18,9 +20,13 @@ def replace_fields(cfg, changes: dict):
     return type(cfg)(**{**{n: getattr(cfg, n) for n in names}, **changes})
 
 
-def _need(ok: bool, field: str, value, allowed: str) -> None:
+def _need(ok: bool, name: str, value, allowed: str, cls: str = "MoEConfig") -> None:
     if not ok:
-        raise ValueError(f"MoEConfig.{field}={value!r} is invalid: allowed {allowed}")
+        raise ValueError(f"{cls}.{name}={value!r} is invalid: allowed {allowed}")
+
+
+def _need_model(ok: bool, name: str, value, allowed: str) -> None:
+    _need(ok, name, value, allowed, "ModelConfig")
 
 
 def _choice(field: str, value, choices) -> None:
@@ -79,8 +85,7 @@ class MoEConfig:
         _choice("score_order", self.score_order, SCORE_ORDERS)
         _choice("balance", self.balance, BALANCES)
         _choice("expert_impl", self.expert_impl, EXPERT_IMPLS)
-        from moelab.routers import ROUTERS  # late import: routers import this module
-        _choice("router", self.router, sorted(ROUTERS))
+        _choice("router", self.router, sorted(ROUTER_NAMES))
         _need(self.n_experts % self.n_group == 0, "n_group", self.n_group,
               f"a divisor of n_experts={self.n_experts}")
         _need(self.topk_group <= self.n_group, "topk_group", self.topk_group, f"1..n_group={self.n_group}")
@@ -99,7 +104,7 @@ class MoEConfig:
         self._check_extra_routers()
 
     def _check_extra_routers(self) -> None:
-        """Fields of the routers of issue 4 (expert_choice, top_p, relu, hash, base, random, special experts)."""
+        """Fields of expert_choice, top_p, relu, hash, base, random and the special experts."""
         _choice("ec_eval", self.ec_eval, ("topk", "expert_choice"))
         _need(self.ec_capacity_factor > 0, "ec_capacity_factor", self.ec_capacity_factor, "> 0")
         _need(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "0 < top_p <= 1")
@@ -132,5 +137,99 @@ class MoEConfig:
         """Hidden width of the fused shared-expert MLP (0 when there are none)."""
         return self.n_shared * (self.d_shared or self.d_expert)
 
-    def replace(self, **changes) -> "MoEConfig":
+    def replace(self, **changes) -> MoEConfig:
         return replace_fields(self, changes)
+
+
+N_BYTES = 256    # byte values; ids 256.. are PAD, BOS, EOS (model.py)
+VOCAB_SIZE = 259
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    moe: MoEConfig = field(default_factory=lambda: MoEConfig(d_model=128, d_expert=128))  # MoE FFN; d_model = ours
+    d_model: int = 128             # D, residual width
+    n_layers: int = 4              # transformer blocks
+    n_heads: int = 4               # attention heads (head dim = d_model / n_heads)
+    d_dense: int = 256             # hidden size of the dense SwiGLU FFN (dense layers only)
+    first_dense: int = 0           # the first m layers use a dense FFN (DeepSeek style)
+    moe_every: int = 1             # after those, every n-th layer is MoE (1 = all)
+    max_seq_len: int = 256         # longest context (RoPE table size)
+    vocab_size: int = VOCAB_SIZE   # V: 256 bytes + PAD, BOS, EOS
+    rope_theta: float = 10000.0    # RoPE base
+    norm_eps: float = 1e-5         # RMSNorm epsilon
+    tie_embeddings: bool = True    # output projection shares the token embedding
+
+    def __post_init__(self) -> None:
+        for f in ("d_model", "n_layers", "n_heads", "d_dense", "max_seq_len", "moe_every"):
+            _need_model(isinstance(getattr(self, f), int) and getattr(self, f) >= 1, f, getattr(self, f),
+                  "an integer >= 1")
+        _need_model(isinstance(self.first_dense, int) and 0 <= self.first_dense <= self.n_layers, "first_dense",
+              self.first_dense, f"0..n_layers={self.n_layers}")
+        _need_model(self.d_model % self.n_heads == 0 and (self.d_model // self.n_heads) % 2 == 0, "n_heads",
+              self.n_heads, f"a divisor of d_model={self.d_model} leaving an even head dim")
+        _need_model(self.vocab_size >= VOCAB_SIZE, "vocab_size", self.vocab_size, f">= {VOCAB_SIZE}")
+        _need_model(self.moe.d_model == self.d_model, "moe.d_model", self.moe.d_model, f"d_model={self.d_model}")
+
+    def is_moe(self, layer: int) -> bool:
+        """Layer `layer` (0-based) has an MoE FFN."""
+        return layer >= self.first_dense and (layer - self.first_dense) % self.moe_every == 0
+
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        """Indices of the blocks with an MoE FFN."""
+        return [i for i in range(self.n_layers) if self.is_moe(i)]
+
+    def replace(self, **changes) -> ModelConfig:
+        return replace_fields(self, changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        return cls(**{**d, "moe": MoEConfig(**d["moe"])})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 600                 # optimizer steps
+    batch_size: int = 16             # sequences per micro-batch
+    seq_len: int = 128               # tokens (bytes) per sequence
+    grad_accum: int = 1              # micro-batches per optimizer step
+    lr: float = 3e-3                 # peak learning rate
+    min_lr_ratio: float = 0.1        # cosine floor as a fraction of lr
+    warmup: int = 30                 # linear warm-up steps
+    weight_decay: float = 0.1        # AdamW decay on matrices (not on norms/biases/router bias)
+    beta1: float = 0.9               # AdamW beta1
+    beta2: float = 0.95              # AdamW beta2
+    grad_clip: float = 1.0           # max global grad norm; 0 = off
+    seed: int = 0                    # seeds model init and data sampling
+    log_every: int = 20              # print a line every n steps (metrics.jsonl gets every step)
+    eval_every: int = 200            # validation every n steps (and at the end); 0 = end only
+    eval_batches: int = 4            # validation micro-batches per domain
+    ckpt_every: int = 200            # checkpoint every n steps (and at the end); 0 = end only
+    keep_last: int = 2               # checkpoints kept on disk
+    val_fraction: float = 0.1        # share of files held out for validation
+    data: tuple[str, ...] = ("builtin",)  # "builtin" or the user's text files / folders
+
+    def __post_init__(self) -> None:
+        for f in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_batches", "keep_last"):
+            if not (isinstance(getattr(self, f), int) and getattr(self, f) >= 1):
+                raise ValueError(f"TrainConfig.{f}={getattr(self, f)!r} is invalid: allowed an integer >= 1")
+        for f in ("warmup", "eval_every", "ckpt_every", "seed"):
+            if not (isinstance(getattr(self, f), int) and getattr(self, f) >= 0):
+                raise ValueError(f"TrainConfig.{f}={getattr(self, f)!r} is invalid: allowed an integer >= 0")
+        for f in ("lr", "weight_decay", "grad_clip"):
+            if not getattr(self, f) >= 0:
+                raise ValueError(f"TrainConfig.{f}={getattr(self, f)!r} is invalid: allowed >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"TrainConfig.min_lr_ratio={self.min_lr_ratio} is invalid: allowed 0..1")
+
+    def replace(self, **changes) -> TrainConfig:
+        return replace_fields(self, changes)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """Inverse of asdict (JSON turns the data tuple into a list)."""
+        return cls(**{**d, "data": tuple(d["data"])})

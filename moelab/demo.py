@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from moelab.config import TrainConfig
 from moelab.model import BOS_ID, generate
 from moelab.plots import plot_run
 from moelab.presets import get_preset
-from moelab.train import TrainConfig, Trainer, val_table
+from moelab.train import Trainer, val_table
 
 DEMO_TRAIN = TrainConfig(steps=500, batch_size=16, seq_len=128, lr=3e-3, warmup=30, log_every=50,
                          eval_every=100, eval_batches=4, ckpt_every=350, keep_last=1)
@@ -56,7 +57,7 @@ def run_demo(out: str = "runs/demo", steps: int | None = None, threads: int = 1)
     console.print(f"{summary['params']:,} parameters ({summary['active_params']:,} active per token), "
                   f"{summary['tokens_per_s']:,} tokens/s (validation included), total {time.perf_counter() - t0:.0f} s")
     console.print("plots: " + ", ".join(str(p) for p in paths))
-    from moelab.report import write_report  # routing trace of the trained model + HTML report (issue 8)
+    from moelab.report import write_report  # routing trace of the trained model + HTML report
     from moelab.trace import trace_run
     tr = trace_run(run, seq_len=cfg.seq_len, max_tokens=4096)
     console.print(f"routing trace: {tr.save(run / 'trace.npz')}, report: {write_report(tr, run / 'report')}")

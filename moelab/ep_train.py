@@ -1,8 +1,9 @@
 """EP x DP training of the LM: `moelab train --nproc N --ep P` (spawned gloo ranks or torchrun).
 
-Builds on parallel.py: experts sharded over blocks of P ranks, everything else data parallel over N,
-each rank a slice of one global batch, global-batch balance and global grad-norm clipping; rank 0
-merges the shards into one checkpoint so eval / generate / trace work on the run folder.
+`EPTrainer` is the Trainer with the distributed hooks filled in (parallel.py): experts sharded over blocks
+of P ranks, everything else data parallel over N, each rank a slice of one global batch, global-batch
+balance, router state stepped on counts summed over ranks, global grad-norm clipping; rank 0 merges the
+shards into one checkpoint so eval / generate / trace work on the run folder.
 """
 from __future__ import annotations
 
@@ -12,26 +13,32 @@ import os
 import shutil
 import socket
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from rich.console import Console
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from moelab.checkpoint import list_checkpoints
+from moelab.config import ModelConfig, TrainConfig
+from moelab.data import build_corpus
+from moelab.moe import MoELayer
 from moelab.parallel import (
+    all_reduce_sum,
     comm_record,
     current_world,
     enable_global_balance,
     expert_parameters,
     init_distributed,
     is_sharded,
-    reset_global_balance,
     shard_model,
+    step_routers_global,
     sync_grads,
-    update_loss_free_biases_global,
 )
+from moelab.train import Trainer, val_table
 
 
 class RankSlice:
@@ -76,49 +83,43 @@ def ep_groups(ep: int, timeout_s: float = 120.0):
     return blocks[rank // ep], copies[rank % ep]
 
 
-def _all_reduce_sum(t: Tensor, group=None) -> Tensor:
-    t = t.clone()
-    dist.all_reduce(t, group=group)
-    return t
+class EPTrainer(Trainer):
+    """A Trainer for EP x DP on this rank. Experts are sharded over blocks of `ep` ranks (default: all W ranks;
+    with ep < W each shard has W/ep copies), the rest is replicated with averaged grads (DP); data = this rank's
+    slice of a global batch of W * cfg.batch_size; global-batch LBL counts and router-state observations are
+    summed over all ranks; clipping uses the global norm. Rank r writes out/rank{r}."""
 
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, out, *, ep: int | None = None, placement=None,
+                 timeout_s: float = 120.0):
+        rank, world = current_world(None)
+        self.ep_group, self.replica_group = ep_groups(ep or world, timeout_s)
+        corpus = RankSlice(build_corpus(list(cfg.data), val_fraction=cfg.val_fraction), rank, world)
+        super().__init__(model_cfg, cfg, Path(out) / f"rank{rank}", corpus=corpus, verbose=rank == 0)
+        shard_model(self.model, placement, self.ep_group)  # same seed on every rank: replicas start equal
+        enable_global_balance(self.model)
+        if rank == 0:
+            write_ep_meta(self.model, out, ep or world)
 
-def _ep_bias_update(model: nn.Module, group=None) -> None:
-    update_loss_free_biases_global(model, group)
-    reset_global_balance(model)
+    def sync_grads(self) -> None:
+        sync_grads(self.model, replica_group=self.replica_group)
 
+    def grad_norm(self, params: list[Tensor]) -> Tensor:
+        return global_grad_norm(self.model, params, group=self.ep_group)
 
-def ep_trainer(model_cfg, cfg, out, *, ep: int | None = None, placement=None, timeout_s: float = 120.0):
-    """A moelab.train.Trainer for EP x DP on this rank. Experts are sharded over blocks of `ep` ranks
-    (default: all W ranks; with ep < W each shard has W/ep copies), the rest is replicated with averaged
-    grads (DP); data = this rank's slice of a global batch of W * cfg.batch_size; global-batch LBL and
-    loss-free loads are all-reduced over all ranks; clipping uses the global norm. Rank r writes out/rank{r}."""
-    from moelab.data import build_corpus
-    from moelab.train import Trainer
-    rank, world = current_world(None)
-    ep_group, replica_group = ep_groups(ep or world, timeout_s)
-    corpus = RankSlice(build_corpus(list(cfg.data), val_fraction=cfg.val_fraction), rank, world)
-    t = Trainer(model_cfg, cfg, Path(out) / f"rank{rank}", corpus=corpus, verbose=rank == 0)
-    shard_model(t.model, placement, ep_group)  # same seed on every rank: replicas start equal
-    enable_global_balance(t.model)
-    t.grad_sync = partial(sync_grads, replica_group=replica_group)
-    t.reduce_metrics = _all_reduce_sum
-    t.bias_update = _ep_bias_update
-    t.grad_norm = partial(global_grad_norm, t.model, group=ep_group)
-    if rank == 0:
-        write_ep_meta(t.model, out, ep or world)
-    step = t.train_step
+    def reduce_metrics(self, flat: Tensor) -> Tensor:
+        return all_reduce_sum(flat)
 
-    def train_step_with_comm() -> dict:  # the trainer's record + all-to-all traffic per rank per layer
-        rec = step()
-        return {**rec, "a2a": comm_record(t.model)}
-    t.train_step = train_step_with_comm
-    return t
+    def step_routers(self) -> None:
+        step_routers_global(self.model)
+
+    def train_step(self) -> dict:
+        """The trainer's record + all-to-all traffic per rank per layer."""
+        return {**super().train_step(), "a2a": comm_record(self.model)}
 
 
 def write_ep_meta(model: nn.Module, out, ep: int) -> None:
     """out/ep.json: EP size and each sharded layer's placement (what merge_ep_run needs)."""
-    from moelab.moe import MoELayer
-    placement = {name: list(m.dispatcher.placement.rank_E) for name, m in model.named_modules()
+    placement = {name: list(m.experts.dispatcher.placement.rank_E) for name, m in model.named_modules()
                  if isinstance(m, MoELayer) and is_sharded(m)}
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "ep.json").write_text(json.dumps({"ep_size": ep, "placement": placement}, indent=1))
@@ -127,9 +128,6 @@ def write_ep_meta(model: nn.Module, out, ep: int) -> None:
 def merge_ep_run(out) -> Path:
     """Merge the ranks' latest checkpoints (out/rank{r}/ckpt/step_N) into one full checkpoint out/ckpt/step_N
     and copy rank 0's metrics/summary/config to out, so eval / generate / plot / trace work on `out`."""
-    from safetensors.torch import load_file, save_file
-
-    from moelab.train import list_checkpoints
     out = Path(out)
     meta = json.loads((out / "ep.json").read_text())
     shards = [(list_checkpoints(out / f"rank{r}") or [None])[-1] for r in range(meta["ep_size"])]
@@ -138,8 +136,8 @@ def merge_ep_run(out) -> Path:
     tensors = [load_file(str(s / "model.safetensors")) for s in shards]
     full = dict(tensors[0])
     for layer, rank_E in meta["placement"].items():
-        for w in ("w_up_EDH", "w_down_EFD"):
-            key = f"{layer}.experts.{w}"
+        for w in ("w_up_EDG", "w_down_EFD"):
+            key = f"{layer}.experts.weights.{w}"
             merged = tensors[0][key].new_empty((len(rank_E),) + tuple(tensors[0][key].shape[1:]))
             for r, t in enumerate(tensors):
                 merged[[e for e, re in enumerate(rank_E) if re == r]] = t[key]
@@ -156,30 +154,32 @@ def merge_ep_run(out) -> Path:
 
 
 def _ep_train_rank(rank: int | None, world: int, port: int | None, timeout_s: float, ep: int,
-                   kwargs: dict) -> None:
+                   run, out: str, resume: bool, threads: int) -> None:
     """One rank of `moelab train --ep`: spawned (rank, port given) or under torchrun (env)."""
-    from moelab.train import cli_train
     if port is not None:
         init_distributed(backend="gloo", timeout_s=timeout_s, rank=rank, world_size=world,
                          init_method=f"tcp://127.0.0.1:{port}")
     else:
         init_distributed(backend="gloo", timeout_s=timeout_s)
+    torch.set_num_threads(threads)
     rank = dist.get_rank()
     try:
         if rank != 0:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 speaks for all
-        cli_train(**kwargs, make_trainer=partial(ep_trainer, ep=ep, timeout_s=timeout_s))
+        summary = EPTrainer(run.model, run.train, out, ep=ep, timeout_s=timeout_s).fit(resume=resume)
         dist.barrier()  # every rank has written its final checkpoint
         if rank == 0:
-            print(f"merged checkpoint: {merge_ep_run(kwargs['out'])}")
+            Console().print(val_table(summary))
+            print(f"merged checkpoint: {merge_ep_run(out)}")
     finally:
         dist.destroy_process_group()
 
 
-def cli_train_ep(*, nproc: int | None, ep: int | None, timeout_s: float = 300.0, **train_kwargs) -> int:
+def launch(run, *, out: str, resume: bool, nproc: int | None, ep: int | None, threads: int | None,
+           timeout_s: float = 300.0) -> int:
     """`moelab train --nproc N --ep P ...`: spawn N local gloo processes (or, under torchrun, use its
     RANK/WORLD_SIZE) and train EP x DP: experts sharded over blocks of P ranks (default N), N/P copies of
-    each shard, everything else data parallel over the N ranks."""
+    each shard, everything else data parallel over the N ranks. `run`: a resolve.RunConfig."""
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if torchrun else (nproc or ep or 0)
     if nproc is not None and torchrun and nproc != world:
@@ -189,15 +189,13 @@ def cli_train_ep(*, nproc: int | None, ep: int | None, timeout_s: float = 300.0,
     ep = world if ep is None else ep
     if not isinstance(ep, int) or ep < 1 or world % ep:
         raise ValueError(f"--ep={ep} is invalid: allowed a divisor of the number of processes ({world})")
-    from moelab.presets import get_preset
-    get_preset(train_kwargs["preset"], **train_kwargs.get("moe_changes", {}))  # bad names fail here, once
-    kwargs = {**train_kwargs, "threads": train_kwargs.get("threads") or 1}  # 1 thread per rank by default
+    args = (ep, run, out, resume, threads or 1)  # 1 thread per rank by default
     if torchrun:
-        _ep_train_rank(None, world, None, timeout_s, ep, kwargs)
+        _ep_train_rank(None, world, None, timeout_s, *args)
         return 0
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_ep_train_rank, args=(world, port, timeout_s, ep, kwargs), nprocs=world, join=True,
+    mp.start_processes(_ep_train_rank, args=(world, port, timeout_s, *args), nprocs=world, join=True,
                        start_method="spawn")
     return 0

@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple, Self
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from moelab.trace import RoutingCursor
+from moelab.trace import RoutingCursor, Trace, trace_from, windows
 
 
 @dataclass(frozen=True)
@@ -256,3 +257,50 @@ def load_hf_causal_lm(path_or_name: str, dtype: str = "float32"):
         raise ValueError(f"--hf {path_or_name!r}: no local transformers model there (nothing is downloaded; "
                          f"give a folder with config.json, weights and tokenizer): {str(e).splitlines()[0]}") from e
     return model.eval(), tok
+
+
+# ---- tracing transformers models ------------------------------------------------------------------
+
+@torch.no_grad()
+def trace_hf(model: nn.Module, wins: list, domains: list[str], *, batch_size: int = 8, logits: bool = True,
+             decode=None, meta: dict | None = None) -> Trace:
+    """Trace a transformers MoE model through the moelab.hf adapter table. `decode(id) -> str` fills vocab."""
+    model.eval()
+    dev = next(model.parameters()).device
+    ids_all = [np.asarray(w, dtype=np.int64) for _, w in wins]
+    with HFRecorder(model, logits=logits) as rec:
+        for b in range(0, len(wins), batch_size):
+            model(input_ids=torch.as_tensor(np.stack(ids_all[b: b + batch_size]), device=dev), use_cache=False)
+        layers = rec.take()
+    S = len(ids_all[0])
+    vocab = {}
+    if decode is not None:
+        vocab = {int(t): decode(int(t)) for t in np.unique(np.concatenate(ids_all))}
+    return trace_from([r.expert_idx_TK for r in layers], [r.weight_TK for r in layers],
+                       [r.logits_TE for r in layers], ids_all, [np.full(S, i) for i in range(len(wins))],
+                       [np.arange(S)] * len(wins), [np.full(S, d) for d, _ in wins], domains,
+                       n_experts_of(moe_blocks(model)[0]),
+                       vocab, {"source": "transformers", "model_class": type(model).__name__,
+                               "layer_names": [b.name for b in moe_blocks(model)], **(meta or {})}, logits)
+
+
+def trace_hf_path(path_or_name: str, data: list[str] | None = None, *, seq_len: int = 128,
+                  max_tokens: int = 16384, batch_size: int = 4, logits: bool = True, dtype: str = "float32") -> Trace:
+    """`moelab trace --hf PATH`: a local transformers MoE model over `data` text (None = the built-in corpus),
+    domains as moelab.data labels them; each domain is tokenized only up to its share of max_tokens."""
+    from moelab.data import builtin_documents, user_documents
+    model, tok = load_hf_causal_lm(path_or_name, dtype)
+    docs = builtin_documents() if not data or data == ["builtin"] else user_documents(data)
+    domains = sorted({d.domain for d in docs})
+    want = max_tokens // max(len(domains), 1) + seq_len
+    token_docs = []
+    for dom in domains:
+        ids: list[int] = []
+        for d in (d for d in docs if d.domain == dom):
+            if len(ids) >= want:
+                break
+            ids += tok(d.data.decode("utf-8", errors="replace"), add_special_tokens=False)["input_ids"][: want]
+        token_docs.append((dom, ids))
+    doms, wins = windows(token_docs, seq_len, max_tokens)
+    return trace_hf(model, wins, doms, batch_size=batch_size, logits=logits, decode=lambda t: tok.decode([t]),
+                    meta={"model": str(path_or_name), "seq_len": seq_len})

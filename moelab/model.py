@@ -6,70 +6,17 @@ Readable top to bottom: `ModelConfig` -> `Block` (attention + dense or MoE FFN) 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab.config import MoEConfig, replace_fields
-from moelab.experts import Experts
+from moelab.config import N_BYTES, ModelConfig
+from moelab.experts import MLP
 from moelab.moe import MoELayer, MoEResult
 
-N_BYTES = 256
 PAD_ID, BOS_ID, EOS_ID = 256, 257, 258  # specials after the 256 byte values
-VOCAB_SIZE = 259
-
-
-def _need(ok: bool, field: str, value, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"ModelConfig.{field}={value!r} is invalid: allowed {allowed}")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    moe: MoEConfig = field(default_factory=lambda: MoEConfig(d_model=128, d_expert=128))  # MoE FFN; d_model = ours
-    d_model: int = 128             # D, residual width
-    n_layers: int = 4              # transformer blocks
-    n_heads: int = 4               # attention heads (head dim = d_model / n_heads)
-    d_dense: int = 256             # hidden size of the dense SwiGLU FFN (dense layers only)
-    first_dense: int = 0           # the first m layers use a dense FFN (DeepSeek style)
-    moe_every: int = 1             # after those, every n-th layer is MoE (1 = all)
-    max_seq_len: int = 256         # longest context (RoPE table size)
-    vocab_size: int = VOCAB_SIZE   # V: 256 bytes + PAD, BOS, EOS
-    rope_theta: float = 10000.0    # RoPE base
-    norm_eps: float = 1e-5         # RMSNorm epsilon
-    tie_embeddings: bool = True    # output projection shares the token embedding
-
-    def __post_init__(self) -> None:
-        for f in ("d_model", "n_layers", "n_heads", "d_dense", "max_seq_len", "moe_every"):
-            _need(isinstance(getattr(self, f), int) and getattr(self, f) >= 1, f, getattr(self, f),
-                  "an integer >= 1")
-        _need(isinstance(self.first_dense, int) and 0 <= self.first_dense <= self.n_layers, "first_dense",
-              self.first_dense, f"0..n_layers={self.n_layers}")
-        _need(self.d_model % self.n_heads == 0 and (self.d_model // self.n_heads) % 2 == 0, "n_heads",
-              self.n_heads, f"a divisor of d_model={self.d_model} leaving an even head dim")
-        _need(self.vocab_size >= VOCAB_SIZE, "vocab_size", self.vocab_size, f">= {VOCAB_SIZE}")
-        _need(self.moe.d_model == self.d_model, "moe.d_model", self.moe.d_model, f"d_model={self.d_model}")
-
-    def is_moe(self, layer: int) -> bool:
-        """Layer `layer` (0-based) has an MoE FFN."""
-        return layer >= self.first_dense and (layer - self.first_dense) % self.moe_every == 0
-
-    @property
-    def moe_layers(self) -> list[int]:
-        return [i for i in range(self.n_layers) if self.is_moe(i)]
-
-    def replace(self, **changes) -> ModelConfig:
-        return replace_fields(self, changes)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        return cls(**{**d, "moe": MoEConfig(**d["moe"])})
 
 
 class ParamCount(NamedTuple):
@@ -91,7 +38,7 @@ def param_count(cfg: ModelConfig) -> ParamCount:
     moe += m.n_const * 3 * D + (n_routes * n_routes if m.gating_residual else 0)  # const experts, MoE++ W_g
     dense = _mlp_params(D, cfg.d_dense, "swiglu")
     attn = 4 * D * D + 2 * D  # q, k, v, o + two RMSNorm gains
-    n_moe = len(cfg.moe_layers)
+    n_moe = len(cfg.moe_layer_ids)
     total = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2) + D  # embeddings (+ head) + final norm
     total += cfg.n_layers * attn + n_moe * moe + (cfg.n_layers - n_moe) * dense
     skipped = n_moe * (m.n_experts - min(m.top_k, m.n_experts)) * per_expert
@@ -150,7 +97,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = MoELayer(cfg.moe) if moe else Experts(1, cfg.d_model, cfg.d_dense, "swiglu")
+        self.ffn = MoELayer(cfg.moe) if moe else MLP(cfg.d_model, cfg.d_dense, "swiglu")
 
     def forward(self, x_BSD: Tensor, cos_SDh: Tensor, sin_SDh: Tensor, *, valid_BS: Tensor | None,
                 token_ids_BS: Tensor, prev_logits: Tensor | None = None) -> tuple[Tensor, MoEResult | None]:
@@ -159,7 +106,7 @@ class Block(nn.Module):
         if isinstance(self.ffn, MoELayer):
             res = self.ffn(h_BSD, valid=valid_BS, token_ids=token_ids_BS, prev_logits=prev_logits)
             return x_BSD + res.y, res
-        return x_BSD + self.ffn.expert(0, h_BSD), None  # dense FFN: the one expert on every token
+        return x_BSD + self.ffn(h_BSD), None
 
 
 class LMOutput(NamedTuple):

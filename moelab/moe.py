@@ -1,22 +1,23 @@
-"""MoELayer: the one place that reads MoEConfig and wires router + dispatch + experts + balancing.
+"""MoELayer: the one place that reads MoEConfig and wires router -> special experts -> routed experts ->
+shared experts -> balance losses and metrics.
 
-B=sequences, S=positions, T=B*S tokens, D=d_model, E=routed experts, K=slots per token.
+T=tokens (all leading dims flattened), D=d_model, E=routed experts, N=router outputs (E + special), K=slots.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab import balance
+from moelab import balance, special_experts
 from moelab.balance import BalanceStats
 from moelab.config import MoEConfig
-from moelab.dispatch import LocalDispatcher, apply_capacity, capacity, experts_reference_forward
-from moelab.experts import Experts
-from moelab.routers import ROUTERS, RouteContext, Routing, mask_routing
-from moelab import special_experts
+from moelab.experts import MLP, Experts, ExpertsPath, RoutedExperts
+from moelab.router_state import router_states
+from moelab.routers import ROUTERS, RouteContext, Routing, apply_capacity, capacity, mask_routing
 
 
 class MoEResult(NamedTuple):
@@ -27,124 +28,100 @@ class MoEResult(NamedTuple):
     stats: BalanceStats           # detached balance metrics for this step
     routing: Routing              # the routing actually used (after padding mask and capacity drops)
     router_stats: dict[str, Tensor] | None = None  # special_experts.router_stats: experts/token, FLOPs saved, ...
+    counts_E: Tensor | None = None  # rows each routed expert computed (after drops), from RoutedExperts
 
 
 class MoELayer(nn.Module):
-    """Routed experts (+ optional shared experts) with dropless or capacity-limited dispatch."""
+    """Routed experts (+ optional shared and null/zero/copy/const experts), dropless or capacity-limited."""
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
         n_routes = cfg.n_experts + cfg.n_special  # E routed + null/zero/copy/const (special_experts.py)
         self.gate = nn.Linear(cfg.d_model, n_routes, bias=False)
-        self.special = special_experts.SpecialExperts(cfg) if cfg.n_special else None
+        nn.init.normal_(self.gate.weight, std=cfg.d_model ** -0.5)
         # MoE++ gating residual: + W_g(previous layer's logits); zero init = no residual at the start.
         self.prev_gate = nn.Linear(n_routes, n_routes, bias=False) if cfg.gating_residual else None
         if self.prev_gate is not None:
             nn.init.zeros_(self.prev_gate.weight)
-        if cfg.router == "relu":  # ReMoE adaptive L1 coefficient, stepped in training forwards
-            self.register_buffer("relu_l1_coef", torch.tensor(float(cfg.relu_l1_init)), persistent=True)
-        nn.init.normal_(self.gate.weight, std=cfg.d_model ** -0.5)
-        self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.d_expert, cfg.activation)
-        self.shared = Experts(1, cfg.d_model, cfg.d_shared_total, cfg.activation) if cfg.n_shared else None
-        # parallel.shard_moe_layer swaps in an EPDispatcher. Padding to equal blocks feeds the batched GEMM of
-        # the grouped/padded impls; the other impls get compact rows.
-        pad = 0.25 if cfg.expert_impl in ("grouped", "padded") else 0.0
-        hidden = self.experts.w_up_EDH.shape[2] if cfg.expert_impl == "grouped" else None
-        self.dispatcher = LocalDispatcher(cfg.n_experts, max_padding=pad, hidden=hidden)
-        self.global_counts = None  # balance="global": local -> global-batch counts, see parallel.py
-        # Loss-free balancing state: persistent so it survives save/load and exact resume.
-        self.register_buffer("expert_bias", torch.zeros(cfg.n_experts), persistent=True)
-        self.register_buffer("expert_load", torch.zeros(cfg.n_experts), persistent=True)
+        self.special = special_experts.SpecialExperts(cfg) if cfg.n_special else None
+        # parallel.shard_moe_layer swaps in an EPDispatcher and keeps only this rank's expert weights
+        self.experts = RoutedExperts(Experts(cfg.n_experts, cfg.d_model, cfg.d_expert, cfg.activation),
+                                     ExpertsPath(cfg.expert_impl))
+        self.shared = MLP(cfg.d_model, cfg.d_shared_total, cfg.activation) if cfg.n_shared else None
+        self.state = router_states(cfg)  # loss-free bias, ReMoE coefficient, global-batch counts
+        self.loss_weights = {"aux": cfg.aux_loss_coef, "seq_aux": cfg.aux_loss_coef, "z": cfg.z_loss_coef,
+                             "top_p_entropy": cfg.top_p_entropy_coef}
         # Routing replay (moelab.trace.replay_moelab): Routing -> Routing with recorded experts/weights.
-        self.routing_override = None
+        self.routing_override: Callable[[Routing], Routing] | None = None
 
     def route(self, x_TD: Tensor, valid_T: Tensor | None, token_ids_T: Tensor | None,
               prev_logits_TN: Tensor | None = None) -> Routing:
-        """Router in fp32 whatever the model dtype; padding tokens go nowhere. The routing is over all
-        E + n_special router outputs (special slots are split off in forward)."""
+        """Router in fp32 whatever the model dtype, over all N outputs; padding tokens go nowhere."""
         cfg = self.cfg
         x_r = x_TD.float()
         if self.training and cfg.jitter_eps > 0:  # Switch Transformer input jitter
             x_r = x_r * torch.empty_like(x_r).uniform_(1 - cfg.jitter_eps, 1 + cfg.jitter_eps)
-        logits_TE = F.linear(x_r, self.gate.weight.float())
+        logits_TN = F.linear(x_r, self.gate.weight.float())
         if self.prev_gate is not None and prev_logits_TN is not None:  # MoE++ gating residual
-            logits_TE = logits_TE + F.linear(prev_logits_TN.reshape(logits_TE.shape).float(),
+            logits_TN = logits_TN + F.linear(prev_logits_TN.reshape(logits_TN.shape).float(),
                                              self.prev_gate.weight.float())
-        bias_E = F.pad(self.expert_bias, (0, cfg.n_special)) if cfg.balance == "loss_free" else None
-        ctx = RouteContext(bias_E=bias_E, token_ids_T=token_ids_T, training=self.training, valid_T=valid_T)
-        routing = ROUTERS[cfg.router](logits_TE, cfg, ctx)
+        biases = [b for b in (s.bias() for s in self.state.values()) if b is not None]
+        ctx = RouteContext(bias_E=biases[0] if biases else None, token_ids_T=token_ids_T, training=self.training,
+                           valid_T=valid_T)
+        routing = ROUTERS[cfg.router](logits_TN, cfg, ctx)
         if self.routing_override is not None:  # replay a recorded trace instead of the router
             routing = self.routing_override(routing)
         return mask_routing(routing, valid_T)
 
     def forward(self, x: Tensor, *, valid: Tensor | None = None, token_ids: Tensor | None = None,
                 prev_logits: Tensor | None = None) -> MoEResult:
-        """x: (..., D). valid: (...) bool, False for padding. token_ids: (...) long, for the hash router.
-        prev_logits: the previous MoE layer's `result.routing.logits_TE`, for the MoE++ gating residual
-        (cfg.gating_residual); the model passes it on from layer to layer (None for the first layer)."""
+        """y = sum_k w_k E_k(x) + shared(x) (DeepSeekMoE, arXiv 2401.06066, eq. 9). x: (..., D); valid: (...) bool,
+        False for padding; token_ids: (...) long, for the hash router; prev_logits: the previous MoE layer's
+        `routing.logits_TE`, for the MoE++ gating residual (None for the first layer)."""
         cfg = self.cfg
-        if x.shape[-1] != cfg.d_model:
-            raise ValueError(f"MoELayer input last dim is {x.shape[-1]}, expected d_model={cfg.d_model}")
+        x_TD, valid_T, token_ids_T = self._flatten(x, valid, token_ids)
+        full = self.route(x_TD, valid_T, token_ids_T, prev_logits)  # all N outputs, before capacity
+        y_TD, routing = None, full
+        if self.special is not None:  # null/zero/copy/const experts: computed here, their slots -> -1
+            y_TD, routing, _ = self.special(x_TD, full)
+        wanted_E, n_dropped = None, torch.zeros((), dtype=torch.long)
+        if cfg.capacity_factor is not None:  # losses and counters see the wanted slots, stats the kept ones
+            wanted_E = balance.expert_counts(expert_idx_TK=routing.expert_idx_TK, n_experts=cfg.n_experts)
+            n_real = x_TD.shape[0] if valid_T is None else int(valid_T.sum())
+            routing, n_dropped = apply_capacity(routing, capacity(cfg.capacity_factor, n_real, cfg.top_k,
+                                                                  cfg.n_experts), cfg.n_experts)
+        routed = self.experts(x_TD, routing.expert_idx_TK, routing.weight_TK)
+        y_TD = routed.y_TD if y_TD is None else routed.y_TD + y_TD
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        counts_E = routed.counts_E.float() if wanted_E is None else wanted_E
+        losses = self.losses(full, routing, valid_T, x.shape[:-1], counts_E)
+        weights = {**self.loss_weights, **{k: w for s in self.state.values() for k, w in s.loss_weights().items()}}
+        aux = sum((weights[name] * v for name, v in losses.items()), torch.zeros((), device=x.device))
+        router_stats = special_experts.router_stats(cfg=cfg, full=full, valid_T=valid_T)
+        if self.training and torch.is_grad_enabled():  # training forwards only: eval never moves the state
+            for s in self.state.values():
+                s.observe(counts_E=counts_E, sparsity=router_stats["gate_sparsity"])
+        n_tok = x_TD.shape[0] if valid_T is None else valid_T.sum()
+        stats = balance.balance_stats(counts_E=routed.counts_E, n_dropped=n_dropped, n_tokens=n_tok)
+        return MoEResult(y_TD.reshape(x.shape), aux, losses, stats, routing, router_stats, routed.counts_E)
+
+    def _flatten(self, x: Tensor, valid: Tensor | None, token_ids: Tensor | None):
+        if x.shape[-1] != self.cfg.d_model:
+            raise ValueError(f"MoELayer input last dim is {x.shape[-1]}, expected d_model={self.cfg.d_model}")
         if valid is not None and valid.shape != x.shape[:-1]:
             raise ValueError(f"valid mask shape {tuple(valid.shape)} must equal x.shape[:-1]={tuple(x.shape[:-1])}")
-        x_TD = x.reshape(-1, cfg.d_model)
-        valid_T = None if valid is None else valid.reshape(-1).bool()
-        token_ids_T = None if token_ids is None else token_ids.reshape(-1)
-        routing = self.route(x_TD, valid_T, token_ids_T, prev_logits)
-        full = routing  # over all E + n_special outputs, before capacity (router losses and metrics)
-        if self.special is not None:  # null/zero/copy/const experts: computed here, their slots -> -1
-            special_out = self.special(x_TD, routing)
-            routing = special_out.routing
+        return (x.reshape(-1, self.cfg.d_model), None if valid is None else valid.reshape(-1).bool(),
+                None if token_ids is None else token_ids.reshape(-1))
 
-        counts_E = balance.expert_counts(expert_idx_TK=routing.expert_idx_TK, n_experts=cfg.n_experts)
-        n_dropped = torch.zeros((), dtype=torch.long)
-        if cfg.capacity_factor is not None:
-            n_real = x_TD.shape[0] if valid_T is None else int(valid_T.sum())
-            cap = capacity(cfg.capacity_factor, n_real, cfg.top_k, cfg.n_experts)
-            routing, n_dropped = apply_capacity(routing, cap, cfg.n_experts)
-
-        y_TD = self.experts_forward(x_TD, routing)
-        if self.shared is not None:
-            y_TD = y_TD + self.shared.expert(0, x_TD)  # one fused dense MLP, every token
-        if self.special is not None:
-            y_TD = y_TD + special_out.y_TD
-
-        losses = self.losses(routing, valid_T, x.shape[:-1], counts_E)
-        losses.update(special_experts.router_losses(cfg=cfg, full=full, valid_T=valid_T))
-        aux = sum((self.loss_weight(name) * v for name, v in losses.items()), torch.zeros((), device=x.device))
-        router_stats = special_experts.router_stats(cfg=cfg, full=full, valid_T=valid_T)
-        if cfg.router == "relu" and self.training and torch.is_grad_enabled():  # after use: this step's weight
-            self.relu_l1_coef.copy_(special_experts.relu_l1_coef_step(
-                coef=self.relu_l1_coef, sparsity=router_stats["gate_sparsity"].to(self.relu_l1_coef.device),
-                target=1.0 - cfg.top_k / full.logits_TE.shape[1], rate=cfg.relu_l1_rate))
-        if self.training and torch.is_grad_enabled() and cfg.balance == "loss_free":
-            with torch.no_grad():
-                self.expert_load += counts_E.to(self.expert_load.device)
-        n_tok = x_TD.shape[0] if valid_T is None else valid_T.sum()
-        kept_E = counts_E  # no capacity: nothing dropped, skip the second count
-        if cfg.capacity_factor is not None:
-            kept_E = counts_E - self._dropped_per_expert(counts_E, routing)
-        stats = balance.balance_stats(counts_E=kept_E, n_dropped=n_dropped, n_tokens=n_tok)
-        return MoEResult(y_TD.reshape(x.shape), aux, losses, stats, routing, router_stats)
-
-    def experts_forward(self, x_TD: Tensor, routing: Routing) -> Tensor:
-        """Routed experts only: sort-based dispatch + grouped GEMM, or the per-expert loop reference."""
-        if self.cfg.expert_impl == "loop" and isinstance(self.dispatcher, LocalDispatcher):
-            return experts_reference_forward(x_TD, routing, self.experts.expert, self.cfg.n_experts)
-        x_SD, counts_E, plan = self.dispatcher.dispatch(x_TD, routing)
-        return self.dispatcher.combine(self.experts(x_SD, counts_E, self.cfg.expert_impl), plan)
-
-    def _dropped_per_expert(self, counts_E: Tensor, routing: Routing) -> Tensor:
-        kept_E = balance.expert_counts(expert_idx_TK=routing.expert_idx_TK, n_experts=self.cfg.n_experts)
-        return counts_E - kept_E
-
-    def losses(self, routing: Routing, valid_T: Tensor | None, batch_shape, counts_E: Tensor) -> dict[str, Tensor]:
-        """Unweighted balance losses for this layer (computed per layer, never pooled across layers)."""
+    def losses(self, full: Routing, routing: Routing, valid_T: Tensor | None, batch_shape,
+               counts_E: Tensor) -> dict[str, Tensor]:
+        """Unweighted losses of this layer (computed per layer, never pooled across layers)."""
         cfg = self.cfg
         out: dict[str, Tensor] = {}
-        if cfg.balance == "global" and self.global_counts is not None and self.training and torch.is_grad_enabled():
-            counts_E = self.global_counts(counts_E)  # summed over DP ranks and micro-batches (parallel.py)
+        if "global" in self.state and self.training and torch.is_grad_enabled():
+            counts_E = self.state["global"].counts(counts_E)  # summed over micro-batches (and ranks)
         over_all_outputs = cfg.n_special and cfg.balance == "aux"  # special_experts.router_losses owns "aux"
         if cfg.balance in ("aux", "global") and cfg.aux_loss_coef > 0 and not over_all_outputs:
             out["aux"] = balance.switch_aux_loss(probs_TE=routing.probs_TE, expert_idx_TK=routing.expert_idx_TK,
@@ -158,26 +135,19 @@ class MoELayer(nn.Module):
                                                   n_experts=cfg.n_experts, top_k=cfg.top_k, valid_BS=valid_BS)
         if cfg.z_loss_coef > 0:
             out["z"] = balance.z_loss(logits_TE=routing.logits_TE, valid_T=valid_T)
+        out.update(special_experts.router_losses(cfg=cfg, full=full, valid_T=valid_T))
         return out
 
-    def loss_weight(self, name: str) -> float | Tensor:
-        if name == "relu_l1":  # ReMoE adaptive coefficient (a copy: the buffer is stepped in place later)
-            return self.relu_l1_coef.clone()
-        if name == "top_p_entropy":
-            return self.cfg.top_p_entropy_coef
-        return self.cfg.z_loss_coef if name == "z" else self.cfg.aux_loss_coef
+    def step(self, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Once per optimizer step, after it: every router state steps (loss-free bias, ReMoE coefficient) and
+        zeroes what it counted. `reduce` sums a tensor over data-parallel ranks (None: one process)."""
+        for s in self.state.values():
+            s.step(reduce)
 
-    @torch.no_grad()
-    def update_bias(self, load_E: Tensor | None = None) -> None:
-        """Loss-free balancing step (call after optimizer.step). `load_E` overrides the local counts,
-        e.g. counts all-reduced across ranks. Zeroes the counters."""
-        if self.cfg.balance != "loss_free":
-            return
-        load_E = self.expert_load if load_E is None else load_E
-        if load_E.sum() > 0:
-            self.expert_bias.copy_(balance.loss_free_bias_step(bias_E=self.expert_bias, load_E=load_E,
-                                                               rate=self.cfg.bias_update_rate))
-        self.expert_load.zero_()
+    def discard_observations(self) -> None:
+        """Forget what the router states counted in this (failed) step."""
+        for s in self.state.values():
+            s.discard()
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
@@ -185,8 +155,7 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
-def update_loss_free_biases(model: nn.Module) -> None:
-    """Call after each optimizer step: updates every loss-free MoE layer's bias from its counts."""
+def step_routers(model: nn.Module, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+    """Call after each optimizer step: steps every MoE layer's router state (MoELayer.step)."""
     for m in moe_layers(model):
-        m.update_bias()
-
+        m.step(reduce)

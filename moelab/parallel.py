@@ -1,7 +1,7 @@
 """Expert parallelism on torch.distributed: placement map, all-to-all dispatch/combine, grad sync, balancing.
 
 T=local tokens, K=slots per token, D=d_model, E=routed experts (global), W=ranks, L=experts on this rank,
-S=local kept slots sorted by destination (rank, expert), R=rows received after the all-to-all.
+R=dispatched rows: sent (local kept slots sorted by destination rank, expert) or received after the all-to-all.
 
 One process per rank; every rank holds the router and all non-expert weights (data parallel) and only
 its own experts' weights. `EPDispatcher` has the `LocalDispatcher` interface, so `MoELayer` does not
@@ -15,6 +15,7 @@ import datetime
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -22,8 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moelab.dispatch import DispatchPlan, permute, sort_plan, unpermute
-from moelab.moe import MoELayer, moe_layers
-from moelab.routers import Routing
+from moelab.moe import MoELayer, moe_layers, step_routers
 
 BACKENDS = ("gloo", "nccl")
 
@@ -123,27 +123,27 @@ class _AllToAll(torch.autograd.Function):
     """all_to_all_single with uneven row splits; backward sends the gradients back the same way."""
 
     @staticmethod
-    def forward(ctx, x_SD: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
+    def forward(ctx, x_RD: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
         ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x_SD.new_empty((sum(out_splits),) + tuple(x_SD.shape[1:]))
-        dist.all_to_all_single(out, x_SD.contiguous(), out_splits, in_splits, group=group)
+        out = x_RD.new_empty((sum(out_splits),) + tuple(x_RD.shape[1:]))
+        dist.all_to_all_single(out, x_RD.contiguous(), out_splits, in_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, g_RD: Tensor):
         out_splits, in_splits = ctx.splits
-        g_SD = g_RD.new_empty((sum(in_splits),) + tuple(g_RD.shape[1:]))
-        dist.all_to_all_single(g_SD, g_RD.contiguous(), in_splits, out_splits, group=ctx.group)
-        return g_SD, None, None, None
+        g_back_RD = g_RD.new_empty((sum(in_splits),) + tuple(g_RD.shape[1:]))
+        dist.all_to_all_single(g_back_RD, g_RD.contiguous(), in_splits, out_splits, group=ctx.group)
+        return g_back_RD, None, None, None
 
 
-def all_to_all(x_SD: Tensor, *, out_splits: list[int], in_splits: list[int], group=None) -> Tensor:
+def all_to_all(x_RD: Tensor, *, out_splits: list[int], in_splits: list[int], group=None) -> Tensor:
     """Autograd-correct all_to_all_single: rows in_splits[r] go to rank r, out_splits[r] arrive from r.
     With grad enabled the op always joins the graph, so every rank runs the backward collective
     (a rank whose input needs no grad would otherwise skip it and the others would wait forever)."""
-    if torch.is_grad_enabled() and not x_SD.requires_grad:
-        x_SD = x_SD.detach().requires_grad_(True)
-    return _AllToAll.apply(x_SD, list(out_splits), list(in_splits), group)
+    if torch.is_grad_enabled() and not x_RD.requires_grad:
+        x_RD = x_RD.detach().requires_grad_(True)
+    return _AllToAll.apply(x_RD, list(out_splits), list(in_splits), group)
 
 
 class CommStats(NamedTuple):
@@ -163,11 +163,12 @@ ZERO_COMM = CommStats(0, 0, 0, 0)
 
 class EPPlan(NamedTuple):
     """Everything combine needs to send rows back and scatter them to their tokens."""
-    local: DispatchPlan   # local sort: token and weight of each sent slot (S rows)
+    local: DispatchPlan   # local sort: token and weight of each sent slot
     order_R: Tensor       # received row -> expert-major position (index_select order)
     send_W: list[int]     # rows sent to each rank
     recv_W: list[int]     # rows received from each rank
     x_RD: Tensor          # received rows: combine ties a zero-row output to them (see combine)
+    tokens_E: Tensor      # this rank's slots per (global) expert, before the all-to-all
 
 
 class EPDispatcher:
@@ -190,10 +191,12 @@ class EPDispatcher:
         self.last_comm = ZERO_COMM             # traffic of the latest forward
         self.step_comm = ZERO_COMM             # summed over grad-enabled forwards since take_comm()
 
-    def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, EPPlan]:
-        idx_TK = routing.expert_idx_TK
-        pos_TK = torch.where(idx_TK >= 0, self.pos_E.to(idx_TK.device)[idx_TK.clamp_min(0)], -1)
-        local = sort_plan(pos_TK, routing.weight_TK, self.n_experts)  # rows grouped by (rank, expert)
+    def dispatch(self, x_TD: Tensor, expert_idx_TK: Tensor, weight_TK: Tensor,
+                 pads=None) -> tuple[Tensor, Tensor, EPPlan]:
+        """`pads` is ignored: received rows are not padded here (the experts path pads them if it pays)."""
+        pos_E = self.pos_E.to(expert_idx_TK.device)
+        pos_TK = torch.where(expert_idx_TK >= 0, pos_E[expert_idx_TK.clamp_min(0)], -1)
+        local = sort_plan(pos_TK, weight_TK, self.n_experts)  # rows grouped by (rank, expert)
         L, W = len(self.local_experts), self.world
         recv_counts = local.counts_E.new_empty(W * L)
         dist.all_to_all_single(recv_counts, local.counts_E.contiguous(), [L] * W, self.n_local_W, group=self.group)
@@ -205,7 +208,8 @@ class EPDispatcher:
         order_R = torch.argsort(expert_R, stable=True)  # (source rank, expert) -> (expert, source rank)
         self._account(send_W, recv_W, x_TD)
         x_RD = x_RD.index_select(0, order_R)
-        return x_RD, recv_counts_WL.sum(0), EPPlan(local, order_R, send_W, recv_W, x_RD)
+        tokens_E = local.tokens_E.index_select(0, pos_E)
+        return x_RD, recv_counts_WL.sum(0), EPPlan(local, order_R, send_W, recv_W, x_RD, tokens_E)
 
     def combine(self, y_RD: Tensor, plan: EPPlan) -> Tensor:
         if y_RD.shape[0] == 0 and torch.is_grad_enabled():
@@ -214,9 +218,9 @@ class EPDispatcher:
             y_RD = y_RD + plan.x_RD[:, :1]
         inv_R = torch.empty_like(plan.order_R)
         inv_R[plan.order_R] = torch.arange(plan.order_R.numel(), device=plan.order_R.device)
-        y_SD = all_to_all(y_RD.index_select(0, inv_R), out_splits=plan.send_W, in_splits=plan.recv_W,
+        y_RD = all_to_all(y_RD.index_select(0, inv_R), out_splits=plan.send_W, in_splits=plan.recv_W,
                           group=self.group)
-        return unpermute(y_SD, plan.local)
+        return unpermute(y_RD, plan.local)
 
     def _account(self, send_W: list[int], recv_W: list[int], x_TD: Tensor) -> None:
         me = self.rank
@@ -246,13 +250,13 @@ def shard_moe_layer(layer: nn.Module, placement: Placement | Sequence[int] | dic
     placement = (Placement.contiguous(E, world) if placement is None
                  else Placement.from_map(placement, n_experts=E, world_size=world))
     dispatcher = EPDispatcher(E, placement, group)
-    experts = layer.experts
-    if experts.n_experts != E or is_sharded(layer):
-        raise ValueError(f"layer.experts has {experts.n_experts} experts, expected the full n_experts={E} "
+    weights = layer.experts.weights
+    if weights.n_experts != E or is_sharded(layer):
+        raise ValueError(f"layer.experts has {weights.n_experts} experts, expected the full n_experts={E} "
                          f"(is this layer sharded already?)")
-    for p in (experts.w_up_EDH, experts.w_down_EFD):
+    for p in weights.parameters():
         p.data = p.data[torch.tensor(dispatcher.local_experts, dtype=torch.long, device=p.device)].clone()
-    layer.dispatcher = dispatcher
+    layer.experts.dispatcher = dispatcher
     return layer
 
 
@@ -273,17 +277,17 @@ def shard_model(model: nn.Module, placements=None, group=None) -> nn.Module:
 
 
 def is_sharded(layer: nn.Module) -> bool:
-    return isinstance(getattr(layer, "dispatcher", None), EPDispatcher)
+    return isinstance(layer.experts.dispatcher, EPDispatcher)
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters that live on one rank only (the sharded experts); all others are replicated."""
-    return [p for m in moe_layers(model) if is_sharded(m) for p in m.experts.parameters()]
+    return [p for m in moe_layers(model) if is_sharded(m) for p in m.experts.weights.parameters()]
 
 
 def comm_stats(model: nn.Module) -> dict[str, CommStats]:
     """Latest forward traffic per sharded MoE layer, keyed like model.named_modules()."""
-    return {name: m.dispatcher.last_comm for name, m in model.named_modules()
+    return {name: m.experts.dispatcher.last_comm for name, m in model.named_modules()
             if isinstance(m, MoELayer) and is_sharded(m)}
 
 
@@ -291,7 +295,7 @@ def comm_record(model: nn.Module, group=None) -> dict[str, list[list[int]]]:
     """Training all-to-all traffic since the last call, per rank per sharded layer, for metrics.jsonl:
     {"tokens_sent": [[layer0, layer1, ...] for each rank], ...}. A collective: call it on every rank."""
     _, world = current_world(group)
-    mine = torch.tensor([list(m.dispatcher.take_comm()) for m in moe_layers(model) if is_sharded(m)],
+    mine = torch.tensor([list(m.experts.dispatcher.take_comm()) for m in moe_layers(model) if is_sharded(m)],
                         dtype=torch.float64, device=next(model.parameters()).device).reshape(-1, len(CommStats._fields))
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
@@ -327,48 +331,24 @@ def _sum_grads(params: list[nn.Parameter], group) -> None:
         p.grad = g.view_as(p).clone()
 
 
-class GlobalBatchCounts:
-    """Global-batch LBL counts (Qiu et al. 2025, arXiv 2501.11873, sec. 3): f_i from expert counts summed
-    over all data-parallel ranks and over the grad-accumulation micro-batches seen so far this step."""
-
-    def __init__(self, group=None):
-        self.group = group
-        self.sum_E: Tensor | None = None   # running all-reduced counts of this optimizer step
-
-    def __call__(self, counts_E: Tensor) -> Tensor:
-        c = counts_E.detach().float().clone()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
-            dist.all_reduce(c, group=self.group)
-        self.sum_E = c if self.sum_E is None else self.sum_E + c
-        return self.sum_E.clone()
-
-    def reset(self) -> None:
-        """Call after each optimizer step."""
-        self.sum_E = None
+def all_reduce_sum(t: Tensor, group=None) -> Tensor:
+    """A summed copy of `t` over `group` (the input is left as it is)."""
+    t = t.clone()
+    dist.all_reduce(t, group=group)
+    return t
 
 
 def enable_global_balance(model: nn.Module, group=None) -> None:
-    """Give every MoE layer with balance='global' its own GlobalBatchCounts."""
-    for m in moe_layers(model):
-        if m.cfg.balance == "global":
-            m.global_counts = GlobalBatchCounts(group)
-
-
-def reset_global_balance(model: nn.Module) -> None:
-    for m in moe_layers(model):
-        if getattr(m, "global_counts", None) is not None:
-            m.global_counts.reset()
-
-
-@torch.no_grad()
-def update_loss_free_biases_global(model: nn.Module, group=None) -> None:
-    """Loss-free bias step (Wang et al. 2024, arXiv 2408.15664, Alg. 1) on loads all-reduced over ranks,
-    so every rank applies the same update and keeps the same bias."""
-    layers = [m for m in moe_layers(model) if m.cfg.balance == "loss_free"]
-    if not layers:
+    """Global-batch LBL across ranks: every balance='global' layer sums its counts over `group` too (a no-op
+    without an initialised process group of more than one rank)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
         return
-    loads = torch.cat([m.expert_load for m in layers])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(loads, group=group)
-    for m, load_E in zip(layers, torch.split(loads, [m.cfg.n_experts for m in layers])):
-        m.update_bias(load_E=load_E)
+    for m in moe_layers(model):
+        if "global" in m.state:
+            m.state["global"].reduce = partial(all_reduce_sum, group=group)
+
+
+def step_routers_global(model: nn.Module, group=None) -> None:
+    """Router-state step (loss-free bias, ReMoE coefficient) on observations summed over ranks, so every rank
+    applies the same update and keeps the same state."""
+    step_routers(model, reduce=partial(all_reduce_sum, group=group))

@@ -51,8 +51,8 @@ def _moe_layer_ids(run: str | Path, n: int) -> list[int]:
     """Block indices of the MoE layers (from the run's config.json), else 0..n-1."""
     path = Path(run) / "config.json"
     if path.exists():
-        from moelab.model import ModelConfig
-        ids = ModelConfig.from_dict(json.loads(path.read_text())["model_config"]).moe_layers
+        from moelab.config import ModelConfig
+        ids = ModelConfig.from_dict(json.loads(path.read_text())["model_config"]).moe_layer_ids
         if len(ids) == n:
             return ids
     return list(range(n))
@@ -108,7 +108,7 @@ def plot_max_vio(run: str | Path, path: Path) -> Path:
     return _save_line_plot(fig, ax, path, "MaxVio", "load imbalance (MaxVio, 0 = perfectly balanced)")
 
 
-def plot_specialization(summary: dict, path: Path) -> Path:
+def plot_run_specialization(summary: dict, path: Path) -> Path:
     """Per MoE layer: domain x expert, share of the domain's routed slots (rows sum to 1)."""
     ebd = summary["expert_by_domain"]
     domains = sorted(summary["val_loss"])
@@ -136,5 +136,5 @@ def plot_run(run: str | Path) -> list[Path]:
            plot_expert_load(run, run / "expert_load.png"),
            plot_max_vio(run, run / "max_vio.png")]
     if summary and summary.get("expert_by_domain"):
-        out.append(plot_specialization(summary, run / "specialization.png"))
+        out.append(plot_run_specialization(summary, run / "specialization.png"))
     return out

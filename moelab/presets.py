@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from moelab.config import MoEConfig
-from moelab.model import ModelConfig
+from moelab.config import ModelConfig, MoEConfig
 
 
 def tiny() -> ModelConfig:
@@ -55,26 +54,8 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
 }
 
 
-def get_preset(name: str, **moe_changes) -> ModelConfig:
-    """Preset `name`, with MoEConfig fields overridden (None values are ignored), e.g. router="topk"."""
+def get_preset(name: str) -> ModelConfig:
+    """Preset `name` (moelab.resolve applies overrides on top)."""
     if name not in PRESETS:
         raise ValueError(f"preset={name!r} is unknown: allowed {', '.join(PRESETS)}")
-    cfg = PRESETS[name]()
-    changes = {k: v for k, v in moe_changes.items() if v is not None}
-    return cfg.replace(moe=cfg.moe.replace(**changes)) if changes else cfg
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """["n_null=2", "gating_residual=true", "router=moepp"] -> {"n_null": 2, ...}; values are read as
-    JSON (numbers, true/false/null), anything else stays a string. Field names are checked by the config."""
-    import json
-    out = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--moe-set {item!r} is invalid: allowed FIELD=VALUE, e.g. n_null=2")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = {"True": True, "False": False, "None": None}.get(raw, raw)
-    return out
+    return PRESETS[name]()

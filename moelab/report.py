@@ -12,7 +12,7 @@ import numpy as np
 
 from moelab import analysis
 from moelab.plots import plt, save_figure
-from moelab.trace import Trace, load_trace
+from moelab.trace import Trace
 
 SOURCES = [  # (metric, citation) shown in the report
     ("Expert load, MaxVio", "Wang et al. 2024, Auxiliary-Loss-Free Load Balancing, arXiv 2408.15664, eq. 7"),
@@ -45,7 +45,7 @@ def plot_load(s: analysis.Summary, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_specialization(s: analysis.Summary, domains: tuple[str, ...], path: Path) -> Path:
+def plot_trace_specialization(s: analysis.Summary, domains: tuple[str, ...], path: Path) -> Path:
     """One heatmap per (picked) layer: expert distribution of each domain relative to the global one."""
     layers = _pick(s.spec.dist_LDE.shape[0])
     D, E = s.spec.dist_LDE.shape[1:]
@@ -124,7 +124,7 @@ def write_report(trace: Trace, out: str | Path, top_layer: int | None = None) ->
     out.mkdir(parents=True, exist_ok=True)
     s = analysis.summarize(trace)
     imgs = [("Expert load", plot_load(s, out / "load.png")),
-            ("Domain specialization", plot_specialization(s, trace.domains, out / "specialization.png")),
+            ("Domain specialization", plot_trace_specialization(s, trace.domains, out / "specialization.png")),
             ("Inter-layer affinity", plot_affinity(s, out / "affinity.png")),
             ("Local routing consistency", plot_consistency(s, trace.top_k, trace.n_experts, out / "consistency.png"))]
     L, E, K = trace.n_layers, trace.n_experts, trace.top_k
@@ -161,15 +161,3 @@ def write_report(trace: Trace, out: str | Path, top_layer: int | None = None) ->
     path = out / "index.html"
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
-
-
-def analyze_file(trace_path: str | Path, out: str | Path) -> Path:
-    """`moelab analyze`: load + validate a trace, write the report."""
-    return write_report(load_trace(trace_path), out)
-
-
-def cli_analyze(*, trace: str, out: str) -> int:
-    """`moelab analyze`: writes the report and prints where it is."""
-    path = analyze_file(trace, out)
-    print(f"report: {path} ({len(list(Path(out).glob('*.png')))} plots)")
-    return 0

@@ -7,13 +7,14 @@ Every router receives fp32 logits and returns a Routing; slot expert -1 means "n
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from moelab.config import MoEConfig
+from moelab.config import ROUTER_NAMES, MoEConfig
 
 
 class Routing(NamedTuple):
@@ -76,7 +77,7 @@ def route_sigmoid_group(logits_TE: Tensor, cfg: MoEConfig, ctx: RouteContext) ->
     return Routing(idx_TK, w_TK * cfg.routed_scaling_factor, logits_TE, probs_TE)
 
 
-# ---- issue 4: routers with a variable or fixed-by-rule number of experts per token -------------------
+# ---- routers with a variable or fixed-by-rule number of experts per token ---------------------------
 # N = router outputs = E routed experts + null/zero/copy/const experts (moelab.special_experts).
 # Variable-count routers return K=N slots, -1 where a slot is unused.
 
@@ -212,6 +213,9 @@ ROUTERS: dict[str, RouterFn] = {
     "adamoe": route_topk,   # AdaMoE (arXiv 2406.13233): top-k over E true + n_null null experts
     "moepp": route_topk,    # MoE++ (arXiv 2410.07348): top-k over E FFN + zero/copy/const experts
 }
+if tuple(ROUTERS) != ROUTER_NAMES:  # config validates names without importing this module
+    raise ImportError(f"routers.ROUTERS {tuple(ROUTERS)} and config.ROUTER_NAMES {ROUTER_NAMES} must list the same "
+                      f"routers in the same order")
 
 
 def mask_routing(r: Routing, valid_T: Tensor | None) -> Routing:
@@ -221,3 +225,24 @@ def mask_routing(r: Routing, valid_T: Tensor | None) -> Routing:
     keep_T1 = valid_T.reshape(-1, 1)
     return r._replace(expert_idx_TK=torch.where(keep_T1, r.expert_idx_TK, -1),
                       weight_TK=torch.where(keep_T1, r.weight_TK, 0.0))
+
+
+def capacity(capacity_factor: float, n_tokens: int, top_k: int, n_experts: int) -> int:
+    """GShard/Switch expert capacity: ceil(cf * T * K / E)."""
+    return math.ceil(capacity_factor * n_tokens * top_k / n_experts)
+
+
+def apply_capacity(routing: Routing, cap: int, n_experts: int) -> tuple[Routing, Tensor]:
+    """Keep at most `cap` slots per expert, dropping the lowest-weight slots first.
+    Returns the routing with dropped slots set to expert -1 / weight 0, and the number dropped."""
+    idx_flat = routing.expert_idx_TK.reshape(-1)
+    w_flat = routing.weight_TK.reshape(-1).detach()
+    by_weight = torch.argsort(w_flat, descending=True, stable=True)
+    by_expert = by_weight[torch.argsort(idx_flat[by_weight], stable=True)]  # expert asc, weight desc
+    sorted_idx = idx_flat[by_expert]
+    starts_E = torch.searchsorted(sorted_idx, torch.arange(n_experts, device=sorted_idx.device))
+    pos = torch.arange(sorted_idx.numel(), device=sorted_idx.device) - starts_E[sorted_idx.clamp_min(0)]
+    drop_sorted = (sorted_idx >= 0) & (pos >= cap)
+    drop = torch.zeros_like(drop_sorted).scatter(0, by_expert, drop_sorted).view_as(routing.expert_idx_TK)
+    return routing._replace(expert_idx_TK=routing.expert_idx_TK.masked_fill(drop, -1),
+                            weight_TK=routing.weight_TK.masked_fill(drop, 0.0)), drop.sum()

@@ -1,7 +1,7 @@
 """Routing traces: who went where, per MoE layer and token, saved as a versioned, validated .npz.
 
 L=MoE layers, N=traced tokens, K=slots per token, E=routed experts.
-Works for moelab models (at `MoELayer.routing_override`) and transformers models (moelab.hf adapter table);
+Works for moelab models (at `MoELayer.routing_override`); transformers models are traced by moelab.hf;
 a trace can be replayed so a model uses the recorded experts instead of its router.
 """
 from __future__ import annotations
@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from moelab.config import TrainConfig
+from moelab.moe import MoELayer, moe_layers
 
 TRACE_VERSION = 1
 _REQUIRED = ("version", "expert_idx_LNK", "weight_LNK", "token_ids_N", "seq_ids_N", "positions_N",
@@ -175,17 +178,15 @@ def cursors(trace: Trace) -> list[RoutingCursor]:
 
 # ---- moelab models ---------------------------------------------------------------------------------
 
-def moe_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's moelab MoELayers in registration (= forward) order."""
-    from moelab.moe import moe_layers as all_moe_layers
-    layers = all_moe_layers(model)
+def traced_layers(model: nn.Module) -> list[MoELayer]:
+    """The model's moelab MoELayers in registration (= forward) order; an error when it has none."""
+    layers = moe_layers(model)
     if not layers:
         raise ValueError(f"model {type(model).__name__} has no moelab.moe.MoELayer to trace")
     return layers
 
 
 def _layer_names(model: nn.Module) -> list[str]:
-    from moelab.moe import MoELayer
     return [n for n, m in model.named_modules() if isinstance(m, MoELayer)]
 
 
@@ -193,7 +194,7 @@ def _layer_names(model: nn.Module) -> list[str]:
 def record_moelab(model: nn.Module) -> Iterator[list[list]]:
     """Record each MoELayer's router output (its choice, before capacity drops and before special experts are
     split off; the point `replay_moelab` feeds back): yields per-layer lists of Routing records."""
-    layers = moe_layers(model)
+    layers = traced_layers(model)
     records: list[list] = [[] for _ in layers]
 
     def recorder(rec: list):
@@ -244,7 +245,7 @@ def replay_moelab(model: nn.Module, trace: Trace, weights: str = "recorded") -> 
     experts now (gradients reach the router; for RL / two-engine consistency)."""
     if weights not in REPLAY_WEIGHTS:
         raise ValueError(f"replay weights={weights!r} is invalid: allowed {', '.join(REPLAY_WEIGHTS)}")
-    layers = moe_layers(model)
+    layers = traced_layers(model)
     if len(layers) != trace.n_layers:
         raise ValueError(f"trace has {trace.n_layers} MoE layers, the model has {len(layers)}")
     if weights == "router":  # fail before any forward, not inside the first one
@@ -269,7 +270,7 @@ def replay_moelab(model: nn.Module, trace: Trace, weights: str = "recorded") -> 
             m.routing_override = None
 
 
-def _trace_from(idx_list, w_list, lg_list, token_ids, seq_ids, positions, domain_ids, domains, n_experts,
+def trace_from(idx_list, w_list, lg_list, token_ids, seq_ids, positions, domain_ids, domains, n_experts,
                 vocab, meta, logits: bool) -> Trace:
     idx, w, lg = stack_layers(idx_list, w_list, lg_list if logits else [None])
     return Trace(expert_idx_LNK=idx, weight_LNK=w, token_ids_N=np.concatenate(token_ids).astype(np.int32),
@@ -310,46 +311,22 @@ def trace_moelab(model: nn.Module, wins: list, domains: list[str], *, batch_size
     w = [torch.cat([r.weight_TK.float().cpu() for r in recs]) for recs in rec]
     lg = [torch.cat([r.logits_TE.float().cpu() for r in recs]) for recs in rec]
     S = len(ids_all[0])
-    cfg = moe_layers(model)[0].cfg
+    cfg = traced_layers(model)[0].cfg
     n_routes = lg[0].shape[1]  # E routed + special (null/zero/copy/const) experts, which trace as E..
-    return _trace_from(idx, w, lg, ids_all, [np.full(S, i) for i in range(len(wins))],
+    return trace_from(idx, w, lg, ids_all, [np.full(S, i) for i in range(len(wins))],
                        [np.arange(S)] * len(wins), [np.full(S, d) for d, _ in wins], domains, n_routes, {},
                        {"source": "moelab", "router": cfg.router, "n_routed_experts": cfg.n_experts,
                         "recorded": "router output, before capacity drops", "layer_names": _layer_names(model),
                         **(meta or {})}, logits)
 
 
-@torch.no_grad()
-def trace_hf(model: nn.Module, wins: list, domains: list[str], *, batch_size: int = 8, logits: bool = True,
-             decode=None, meta: dict | None = None) -> Trace:
-    """Trace a transformers MoE model through the moelab.hf adapter table. `decode(id) -> str` fills vocab."""
-    from moelab.hf import HFRecorder, moe_blocks, n_experts_of
-    model.eval()
-    dev = next(model.parameters()).device
-    ids_all = [np.asarray(w, dtype=np.int64) for _, w in wins]
-    with HFRecorder(model, logits=logits) as rec:
-        for b in range(0, len(wins), batch_size):
-            model(input_ids=torch.as_tensor(np.stack(ids_all[b: b + batch_size]), device=dev), use_cache=False)
-        layers = rec.take()
-    S = len(ids_all[0])
-    vocab = {}
-    if decode is not None:
-        vocab = {int(t): decode(int(t)) for t in np.unique(np.concatenate(ids_all))}
-    return _trace_from([r.expert_idx_TK for r in layers], [r.weight_TK for r in layers],
-                       [r.logits_TE for r in layers], ids_all, [np.full(S, i) for i in range(len(wins))],
-                       [np.arange(S)] * len(wins), [np.full(S, d) for d, _ in wins], domains,
-                       n_experts_of(moe_blocks(model)[0]),
-                       vocab, {"source": "transformers", "model_class": type(model).__name__,
-                               "layer_names": [b.name for b in moe_blocks(model)], **(meta or {})}, logits)
-
-
 def trace_run(run: str | Path, data: list[str] | None = None, *, seq_len: int = 128, max_tokens: int = 16384,
               batch_size: int = 8, logits: bool = True) -> Trace:
     """`moelab trace RUN`: the run's latest checkpoint over validation windows of each domain of `data`
     (None = the run's own training data), split with the run's val_fraction: never text it trained on."""
+    from moelab.checkpoint import load_model
     from moelab.data import build_corpus
     from moelab.model import BOS_ID, EOS_ID, PAD_ID
-    from moelab.train import TrainConfig, load_model
     model, state = load_model(run)
     seq_len = min(seq_len, model.cfg.max_seq_len)
     cfg = TrainConfig.from_dict(state["train_config"])
@@ -359,43 +336,3 @@ def trace_run(run: str | Path, data: list[str] | None = None, *, seq_len: int = 
     tr = trace_moelab(model, wins, domains, batch_size=batch_size, logits=logits,
                       meta={"run": str(run), "step": state.get("step", -1), "seq_len": seq_len})
     return Trace(**{**tr.__dict__, "vocab": {PAD_ID: "<pad>", BOS_ID: "<bos>", EOS_ID: "<eos>"}})
-
-
-def trace_hf_path(path_or_name: str, data: list[str] | None = None, *, seq_len: int = 128,
-                  max_tokens: int = 16384, batch_size: int = 4, logits: bool = True, dtype: str = "float32") -> Trace:
-    """`moelab trace --hf PATH`: a local transformers MoE model over `data` text (None = the built-in corpus),
-    domains as moelab.data labels them; each domain is tokenized only up to its share of max_tokens."""
-    from moelab.data import builtin_documents, user_documents
-    from moelab.hf import load_hf_causal_lm
-    model, tok = load_hf_causal_lm(path_or_name, dtype)
-    docs = builtin_documents() if not data or data == ["builtin"] else user_documents(data)
-    domains = sorted({d.domain for d in docs})
-    want = max_tokens // max(len(domains), 1) + seq_len
-    token_docs = []
-    for dom in domains:
-        ids: list[int] = []
-        for d in (d for d in docs if d.domain == dom):
-            if len(ids) >= want:
-                break
-            ids += tok(d.data.decode("utf-8", errors="replace"), add_special_tokens=False)["input_ids"][: want]
-        token_docs.append((dom, ids))
-    doms, wins = windows(token_docs, seq_len, max_tokens)
-    return trace_hf(model, wins, doms, batch_size=batch_size, logits=logits, decode=lambda t: tok.decode([t]),
-                    meta={"model": str(path_or_name), "seq_len": seq_len})
-
-
-def cli_trace(*, run: str | None, hf: str | None, data: list[str] | None, out: str, seq_len: int, max_tokens: int,
-              logits: bool, dtype: str) -> int:
-    """`moelab trace`: exactly one of RUN / --hf; writes the .npz and prints a one-line summary."""
-    if (run is None) == (hf is None):
-        raise ValueError("give exactly one of RUN (a moelab run folder) or --hf PATH_OR_NAME")
-    if max_tokens < seq_len:
-        raise ValueError(f"--max-tokens={max_tokens} is invalid: allowed >= --seq-len={seq_len}")
-    if run is not None:
-        tr = trace_run(run, data, seq_len=seq_len, max_tokens=max_tokens, logits=logits)
-    else:
-        tr = trace_hf_path(hf, data, seq_len=seq_len, max_tokens=max_tokens, logits=logits, dtype=dtype)
-    path = tr.save(out)
-    print(f"traced {tr.n_tokens} tokens x {tr.n_layers} MoE layers (E={tr.n_experts}, k={tr.top_k}, domains "
-          f"{', '.join(tr.domains)}) -> {path} ({path.stat().st_size / 1024:.0f} KiB)")
-    return 0

@@ -6,7 +6,7 @@ import torch
 
 from moelab import balance
 from moelab.config import MoEConfig
-from moelab.moe import MoELayer, update_loss_free_biases
+from moelab.moe import MoELayer, step_routers
 
 
 def test_switch_aux_loss_is_one_when_uniform_and_E_when_collapsed():
@@ -110,9 +110,9 @@ def test_loss_free_balancer_moves_load_toward_uniform_over_200_steps():
     for step in range(200):
         x = torch.randn(128, 16, generator=gen) + 0.5
         vio.append(float(layer(x).stats.max_vio))
-        update_loss_free_biases(layer)  # router weights never change: only the bias balances
+        step_routers(layer)  # router weights never change: only the bias balances
     start = float(static(torch.randn(128, 16, generator=gen) + 0.5).stats.max_vio)
     assert vio[0] == pytest.approx(start, rel=0.3) and start > 1.0
     assert sum(vio[-20:]) / 20 < 0.35 * vio[0]
     # the bias pushed the favoured experts down and the others up
-    assert layer.expert_bias[:3].mean() < layer.expert_bias[3:].mean()
+    assert layer.state["loss_free"].bias_E[:3].mean() < layer.state["loss_free"].bias_E[3:].mean()

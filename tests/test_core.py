@@ -52,7 +52,7 @@ def test_fast_path_with_experts_that_get_no_tokens():
     cfg = MoEConfig(d_model=16, d_expert=8, n_experts=8, top_k=2, balance="loss_free")
     fast, loop = _twin_layers(cfg)
     for layer in (fast, loop):  # experts 1, 4, 5 can never be chosen
-        layer.expert_bias[[1, 4, 5]] = -100.0
+        layer.state["loss_free"].bias_E[[1, 4, 5]] = -100.0
     x = torch.randn(32, 16)
     ys, gs = [], []
     for layer in (fast, loop):
@@ -60,7 +60,7 @@ def test_fast_path_with_experts_that_get_no_tokens():
         assert r.stats.dead == 3
         r.y.sum().backward()
         ys.append(r.y.detach())
-        gs.append(layer.experts.w_up_EDH.grad.clone())
+        gs.append(layer.experts.weights.w_up_EDG.grad.clone())
     torch.testing.assert_close(ys[0], ys[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gs[0], gs[1], atol=1e-5, rtol=1e-5)
     assert gs[0][[1, 4, 5]].abs().max() == 0
@@ -69,7 +69,7 @@ def test_fast_path_with_experts_that_get_no_tokens():
 def test_one_expert_top1_equals_dense_ffn():
     layer = MoELayer(MoEConfig(d_model=16, d_expert=32, n_experts=1, top_k=1))
     x = torch.randn(10, 16)
-    w_up, w_down = layer.experts.w_up_EDH[0], layer.experts.w_down_EFD[0]
+    w_up, w_down = layer.experts.weights.w_up_EDG[0], layer.experts.weights.w_down_EFD[0]
     gate, up = (x @ w_up).chunk(2, dim=-1)
     dense = (torch.nn.functional.silu(gate) * up) @ w_down
     torch.testing.assert_close(layer(x).y, dense, atol=1e-6, rtol=1e-5)
@@ -79,8 +79,9 @@ def test_shared_experts_are_added_to_every_token():
     cfg = MoEConfig(d_model=8, d_expert=4, n_experts=4, top_k=1, n_shared=2, d_shared=4)
     layer = MoELayer(cfg)
     x = torch.randn(5, 8)
-    routed = layer.experts_forward(x, layer.route(x, None, None))
-    w_up, w_down = layer.shared.w_up_EDH[0], layer.shared.w_down_EFD[0]
+    r = layer.route(x, None, None)
+    routed = layer.experts(x, r.expert_idx_TK, r.weight_TK).y_TD
+    w_up, w_down = layer.shared.up.weight.t(), layer.shared.down.weight.t()
     assert w_up.shape == (8, 2 * 8)  # two shared experts of width 4, fused
     gate, up = (x @ w_up).chunk(2, dim=-1)
     torch.testing.assert_close(layer(x).y, routed + (torch.nn.functional.silu(gate) * up) @ w_down)
@@ -199,7 +200,8 @@ def test_padding_changes_neither_losses_nor_counters():
         assert ra.losses.keys() == rb.losses.keys() and len(ra.losses) >= 1
         for k in ra.losses:
             torch.testing.assert_close(ra.losses[k], rb.losses[k], msg=f"{bal}:{k}")
-        torch.testing.assert_close(a.expert_load, b.expert_load)
+        if bal == "loss_free":
+            torch.testing.assert_close(a.state["loss_free"].load_E, b.state["loss_free"].load_E)
         torch.testing.assert_close(ra.stats.load_E, rb.stats.load_E)
         torch.testing.assert_close(ra.y, rb.y[:, :5])
         assert bool((rb.routing.expert_idx_TK.view(2, 8, 2)[:, 5:] == -1).all())
@@ -213,22 +215,22 @@ def test_eval_and_no_grad_forwards_never_touch_bias_counters():
     layer.train()
     with torch.no_grad():
         layer(x)
-    assert layer.expert_load.sum() == 0
+    assert layer.state["loss_free"].load_E.sum() == 0
     layer(x)
-    assert layer.expert_load.sum() == 10 * 2
+    assert layer.state["loss_free"].load_E.sum() == 10 * 2
 
 
 def test_bias_survives_safetensors_save_and_load(tmp_path):
     cfg = MoEConfig(d_model=8, d_expert=8, n_experts=4, top_k=2, balance="loss_free", bias_update_rate=0.1)
     layer = MoELayer(cfg).train()
     layer(torch.randn(16, 8) + 2.0)
-    layer.update_bias()
-    assert layer.expert_bias.abs().sum() > 0 and layer.expert_load.sum() == 0
+    layer.step()
+    assert layer.state["loss_free"].bias_E.abs().sum() > 0 and layer.state["loss_free"].load_E.sum() == 0
     save_file(layer.state_dict(), tmp_path / "m.safetensors")
     fresh = MoELayer(cfg)
     fresh.load_state_dict(load_file(tmp_path / "m.safetensors"))
-    torch.testing.assert_close(fresh.expert_bias, layer.expert_bias)
-    assert "expert_bias" in layer.state_dict()
+    torch.testing.assert_close(fresh.state["loss_free"].bias_E, layer.state["loss_free"].bias_E)
+    assert "state.loss_free.bias_E" in layer.state_dict()
 
 
 # ---- config errors ----------------------------------------------------------------------------

@@ -1,16 +1,12 @@
 """Fast paths vs their loop twins: forward and every gradient to 1e-5 (fp32), on random shapes incl. experts
 with zero tokens, k=1, k=E, T=1 and shapes that force the grouped-GEMM fallback. Plus transformers itself."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from moelab import bench
 from moelab.config import MoEConfig
 from moelab.dispatch import (
     LocalDispatcher,
-    apply_capacity,
     experts_reference_forward,
     permute,
     sort_plan,
@@ -20,17 +16,18 @@ from moelab.dispatch import (
 from moelab.experts import (
     EXPERT_IMPLS,
     Experts,
+    ExpertsPath,
+    RoutedExperts,
     activate,
-    experts_grouped,
     experts_loop,
     experts_padded,
     grouped_mm_available,
     swiglu_reference,
 )
 from moelab.moe import MoELayer
-from moelab.routers import Routing
+from moelab.routers import Routing, apply_capacity
 
-FAST = [name for name in EXPERT_IMPLS if name != "loop"]
+FAST = [name for name in ("grouped", *EXPERT_IMPLS) if name != "loop"]
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
@@ -39,29 +36,29 @@ def _grads(out, tensors, seed=1):
     return torch.autograd.grad(out, tensors, g, allow_unused=True)
 
 
-def _counts(S, E, n_empty, gen):
-    """Random split of S rows over E experts with at least n_empty experts receiving none."""
+def _counts(R, E, n_empty, gen):
+    """Random split of R rows over E experts with at least n_empty experts receiving none."""
     live = torch.randperm(E, generator=gen)[: max(E - n_empty, 1)]
-    owner = live[torch.randint(len(live), (S,), generator=gen)]
+    owner = live[torch.randint(len(live), (R,), generator=gen)]
     return torch.bincount(owner, minlength=E)
 
 
-# (E, D, F, S, n_empty, activation): aligned shapes use torch._grouped_mm, odd ones force the loop fallback
+# (E, D, F, R, n_empty, activation): aligned shapes use torch._grouped_mm, odd ones force the loop fallback
 EXPERT_CASES = [(8, 16, 12, 40, 3, "swiglu"), (4, 8, 8, 4, 3, "gelu"), (6, 12, 20, 24, 0, "swiglu"),
                 (5, 7, 9, 13, 2, "swiglu"), (3, 16, 16, 9, 1, "gelu"), (16, 8, 4, 1, 15, "swiglu")]
 
 
 @pytest.mark.parametrize("impl", FAST)
-@pytest.mark.parametrize("E,D,F,S,n_empty,act", EXPERT_CASES)
-def test_expert_impls_match_loop(impl, E, D, F, S, n_empty, act):
-    gen = torch.Generator().manual_seed(E * 100 + S)
-    counts_E = _counts(S, E, n_empty, gen)
-    assert int(counts_E.sum()) == S and (counts_E == 0).sum() >= min(n_empty, E - 1)
+@pytest.mark.parametrize("E,D,F,R,n_empty,act", EXPERT_CASES)
+def test_expert_impls_match_loop(impl, E, D, F, R, n_empty, act):
+    gen = torch.Generator().manual_seed(E * 100 + R)
+    counts_E = _counts(R, E, n_empty, gen)
+    assert int(counts_E.sum()) == R and (counts_E == 0).sum() >= min(n_empty, E - 1)
     experts = Experts(E, D, F, act)
-    x_SD = torch.randn(S, D, generator=gen, requires_grad=True)
-    params = [x_SD, experts.w_up_EDH, experts.w_down_EFD]
-    want = experts_loop(x_SD, counts_E, experts.w_up_EDH, experts.w_down_EFD, act)
-    got = experts(x_SD, counts_E, impl)
+    x_RD = torch.randn(R, D, generator=gen, requires_grad=True)
+    params = [x_RD, experts.w_up_EDG, experts.w_down_EFD]
+    want = experts_loop(x_RD, counts_E, experts)
+    got = ExpertsPath(impl).run(x_RD, counts_E, experts)
     torch.testing.assert_close(got, want, **TOL)
     for a, b in zip(_grads(got, params), _grads(want, params)):
         torch.testing.assert_close(a, b, **TOL)
@@ -73,10 +70,10 @@ def test_padded_equal_blocks_expert_by_expert_or_batched(block_bytes):
     E, C, D, F = 4, 6, 8, 12
     experts = Experts(E, D, F)
     counts_E = torch.full((E,), C)
-    x_SD = torch.randn(E * C, D, requires_grad=True)
-    params = [x_SD, experts.w_up_EDH, experts.w_down_EFD]
-    got = experts_padded(x_SD, counts_E, experts.w_up_EDH, experts.w_down_EFD, "swiglu", block_bytes=block_bytes)
-    want = experts_loop(x_SD, counts_E, experts.w_up_EDH, experts.w_down_EFD, "swiglu")
+    x_RD = torch.randn(E * C, D, requires_grad=True)
+    params = [x_RD, experts.w_up_EDG, experts.w_down_EFD]
+    got = experts_padded(x_RD, counts_E, experts, block_bytes=block_bytes)
+    want = experts_loop(x_RD, counts_E, experts)
     torch.testing.assert_close(got, want, **TOL)
     for a, b in zip(_grads(got, params), _grads(want, params)):
         torch.testing.assert_close(a, b, **TOL)
@@ -84,42 +81,93 @@ def test_padded_equal_blocks_expert_by_expert_or_batched(block_bytes):
 
 @pytest.mark.parametrize("block_bytes", [0, 1 << 40])
 def test_grouped_big_blocks_and_dispatcher_row_limit(block_bytes):
-    """block_bytes 0: every expert block counts as big -> the dispatcher does not pad and `experts_grouped` runs
-    expert by expert; huge: padded batched GEMM. Both equal the reference, forward and gradients."""
+    """block_bytes 0: every expert block counts as big -> the dispatcher does not pad and the path runs expert
+    by expert; huge: padded batched GEMM. Both equal the reference, forward and gradients."""
     gen = torch.Generator().manual_seed(5)
     T, E, K, D, F = 24, 6, 2, 8, 12
     routing = _random_routing(T, E, K, gen)
     experts = Experts(E, D, F)
     x_TD = torch.randn(T, D, generator=gen, requires_grad=True)
-    params = [x_TD, routing.weight_TK, experts.w_up_EDH, experts.w_down_EFD]
-    disp = LocalDispatcher(E, max_padding=10.0, hidden=2 * F, block_bytes=block_bytes)
-    x_SD, counts_E, plan = disp.dispatch(x_TD, routing)
-    assert (x_SD.shape[0] == T * K) == (block_bytes == 0)  # padded only when blocks are small
-    y_SD = experts_grouped(x_SD, counts_E, experts.w_up_EDH, experts.w_down_EFD, "swiglu", block_bytes=block_bytes)
-    got = disp.combine(y_SD, plan)
-    want = experts_reference_forward(x_TD, routing, experts.expert, E)
+    params = [x_TD, routing.weight_TK, experts.w_up_EDG, experts.w_down_EFD]
+    path = ExpertsPath("grouped", max_padding=10.0, block_bytes=block_bytes)
+    routed = RoutedExperts(experts, path)
+    disp = LocalDispatcher(E)
+    x_RD, counts_E, plan = disp.dispatch(x_TD, routing.expert_idx_TK, routing.weight_TK,
+                                         lambda C, R, E: path.pads(C=C, R=R, E=E, G=2 * F, itemsize=4))
+    assert (x_RD.shape[0] == T * K) == (block_bytes == 0)  # padded only when blocks are small
+    assert path.kernel(x_RD, counts_E, experts) == ("sparse" if block_bytes == 0 else "padded")
+    got = routed(x_TD, routing.expert_idx_TK, routing.weight_TK).y_TD
+    want = experts_reference_forward(x_TD, routing.expert_idx_TK, routing.weight_TK, routed.expert_fn, E)
     torch.testing.assert_close(got, want, **TOL)
     for a, b in zip(_grads(got, params), _grads(want, params)):
         torch.testing.assert_close(a, b, **TOL)
 
 
 def test_alignment_rule_decides_fallback():
-    """Odd D (7 floats = 28 bytes) breaks the 16-byte rule; D=16, F=12, S=40 satisfies it."""
+    """Odd D (7 floats = 28 bytes) breaks the 16-byte rule; D=16, F=12, R=40 satisfies it."""
     w = Experts(4, 7, 9)
-    assert not grouped_mm_available(torch.zeros(8, 7), w.w_up_EDH, w.w_down_EFD)
+    assert not grouped_mm_available(torch.zeros(8, 7), w.stacked())
     w = Experts(4, 16, 12)
-    assert grouped_mm_available(torch.zeros(40, 16), w.w_up_EDH, w.w_down_EFD) == hasattr(torch, "_grouped_mm")
+    assert grouped_mm_available(torch.zeros(40, 16), w.stacked()) == hasattr(torch, "_grouped_mm")
 
 
 def test_expert_impl_per_row_equals_expert_method():
-    """Independent of the loop helper: each sorted block equals Experts.expert applied to it."""
+    """Independent of the loop helper: each sorted block equals the routed experts' per-expert function."""
     experts = Experts(3, 8, 8)
+    routed = RoutedExperts(experts)
     counts_E = torch.tensor([2, 0, 5])
-    x_SD = torch.randn(7, 8)
+    x_RD = torch.randn(7, 8)
     for impl in FAST:
-        y_SD = experts(x_SD, counts_E, impl)
-        torch.testing.assert_close(y_SD[:2], experts.expert(0, x_SD[:2]), **TOL)
-        torch.testing.assert_close(y_SD[2:], experts.expert(2, x_SD[2:]), **TOL)
+        y_RD = ExpertsPath(impl).run(x_RD, counts_E, experts)
+        torch.testing.assert_close(y_RD[:2], routed.expert_fn(0, x_RD[:2]), **TOL)
+        torch.testing.assert_close(y_RD[2:], routed.expert_fn(2, x_RD[2:]), **TOL)
+
+
+class _Transposed:
+    """A provider over transformers-style weights: gate_up (E, 2F, D) and down (E, D, F), biases, read as views."""
+
+    resident = True
+
+    def __init__(self, experts: Experts, bias: bool):
+        self.gate_up_EGD = experts.w_up_EDG.detach().transpose(1, 2).contiguous().requires_grad_()
+        self.down_EDF = experts.w_down_EFD.detach().transpose(1, 2).contiguous().requires_grad_()
+        E, G, D = self.gate_up_EGD.shape
+        self.b_up_EG = torch.randn(E, G).requires_grad_() if bias else None
+        self.b_down_ED = torch.randn(E, D).requires_grad_() if bias else None
+        self.n_experts = E
+
+    def act(self, h_RG):
+        return activate(h_RG, "swiglu")
+
+    def stacked(self):
+        from moelab.experts import ExpertTensors
+        return ExpertTensors(self.gate_up_EGD.transpose(1, 2), self.down_EDF.transpose(1, 2), self.b_up_EG,
+                             self.b_down_ED)
+
+    def expert(self, e):
+        from moelab.experts import ExpertTensors
+        w = self.stacked()
+        return ExpertTensors(*(None if t is None else t[e] for t in w))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("impl", FAST)
+def test_provider_with_transposed_views_and_biases_matches_loop(impl, bias):
+    """Another weights provider (transformers' (E, 2F, D) layout, read as views, with biases) through
+    RoutedExperts: every path equals the loop twin, forward and gradients of weights and biases."""
+    gen = torch.Generator().manual_seed(11)
+    T, E, K, D, F = 19, 6, 2, 16, 8
+    routing = _random_routing(T, E, K, gen, drop_frac=0.2)
+    prov = _Transposed(Experts(E, D, F), bias)
+    x_TD = torch.randn(T, D, generator=gen, requires_grad=True)
+    params = [x_TD, routing.weight_TK, prov.gate_up_EGD, prov.down_EDF] + ([prov.b_up_EG, prov.b_down_ED] if bias
+                                                                            else [])
+    got = RoutedExperts(prov, ExpertsPath(impl)).forward(x_TD, routing.expert_idx_TK, routing.weight_TK)
+    want = RoutedExperts(prov, ExpertsPath("loop")).forward(x_TD, routing.expert_idx_TK, routing.weight_TK)
+    assert torch.equal(got.counts_E, want.counts_E)
+    torch.testing.assert_close(got.y_TD, want.y_TD, **TOL)
+    for a, b in zip(_grads(got.y_TD, params), _grads(want.y_TD, params)):
+        torch.testing.assert_close(a, b, **TOL)
 
 
 def _random_routing(T, E, K, gen, drop_frac=0.0):
@@ -143,15 +191,21 @@ def test_dispatch_experts_combine_match_reference(impl, max_padding, T, E, K, D,
     routing = _random_routing(T, E, K, gen, drop)
     experts = Experts(E, D, F)
     x_TD = torch.randn(T, D, generator=gen, requires_grad=True)
-    params = [x_TD, routing.weight_TK, experts.w_up_EDH, experts.w_down_EFD]
-    want = experts_reference_forward(x_TD, routing, experts.expert, E)
-    disp = LocalDispatcher(E, max_padding=max_padding)
-    x_SD, counts_E, plan = disp.dispatch(x_TD, routing)
+    params = [x_TD, routing.weight_TK, experts.w_up_EDG, experts.w_down_EFD]
+    routed = RoutedExperts(experts, ExpertsPath(impl, max_padding=max_padding))
+    want = experts_reference_forward(x_TD, routing.expert_idx_TK, routing.weight_TK, routed.expert_fn, E)
+    path = ExpertsPath("grouped", max_padding=max_padding)
+    x_RD, counts_E, plan = LocalDispatcher(E).dispatch(
+        x_TD, routing.expert_idx_TK, routing.weight_TK, lambda C, R, E: path.pads(C=C, R=R, E=E, G=2 * F, itemsize=4))
     n_kept = int((routing.expert_idx_TK >= 0).sum())
-    assert int(counts_E.sum()) == x_SD.shape[0] and (x_SD.shape[0] == n_kept if max_padding == 0 else True)
+    assert int(counts_E.sum()) == x_RD.shape[0] and (x_RD.shape[0] == n_kept if max_padding == 0 else True)
+    assert plan.tokens_E.tolist() == torch.bincount(routing.expert_idx_TK[routing.expert_idx_TK >= 0],
+                                                    minlength=E).tolist()
     if max_padding == 10.0 and n_kept:
-        assert counts_E.min() == counts_E.max() and x_SD.shape[0] >= n_kept
-    got = disp.combine(experts(x_SD, counts_E, impl), plan)
+        assert counts_E.min() == counts_E.max() and x_RD.shape[0] >= n_kept
+    out = routed(x_TD, routing.expert_idx_TK, routing.weight_TK)
+    assert torch.equal(out.counts_E, plan.tokens_E)
+    got = out.y_TD
     torch.testing.assert_close(got, want, **TOL)
     for a, b in zip(_grads(got, params), _grads(want, params)):
         torch.testing.assert_close(a, b, **TOL)
@@ -177,7 +231,7 @@ def test_gather_unpermute_matches_scatter_twin(max_padding, T, E, K, drop):
     including everything dropped."""
     gen = torch.Generator().manual_seed(T + K)
     routing = _random_routing(T, E, K, gen, drop)
-    plan = sort_plan(routing.expert_idx_TK, routing.weight_TK, E, max_padding)
+    plan = sort_plan(routing.expert_idx_TK, routing.weight_TK, E, lambda C, R, E: E * C <= (1 + max_padding) * R)
     x_TD = torch.randn(T, 5, generator=gen, requires_grad=True)
     got = unpermute(permute(x_TD, plan) * 2.0 + 1.0, plan)
     want = unpermute_scatter(permute(x_TD, plan) * 2.0 + 1.0, plan)
@@ -191,8 +245,8 @@ def test_permute_unpermute_by_hand():
     idx_TK = torch.tensor([[1, 0], [1, -1], [0, 2]])
     w_TK = torch.tensor([[0.5, 0.25], [1.0, 0.0], [2.0, 3.0]])
     plan = sort_plan(idx_TK, w_TK, 3)
-    assert plan.token_S.tolist() == [0, 2, 0, 1, 2] and plan.counts_E.tolist() == [2, 2, 1]
-    assert plan.weight_S.tolist() == [0.25, 2.0, 0.5, 1.0, 3.0]
+    assert plan.token_R.tolist() == [0, 2, 0, 1, 2] and plan.counts_E.tolist() == [2, 2, 1]
+    assert plan.weight_R.tolist() == [0.25, 2.0, 0.5, 1.0, 3.0]
     x_TD = torch.tensor([[1.0], [10.0], [100.0]])
     assert permute(x_TD, plan).squeeze(1).tolist() == [1.0, 100.0, 1.0, 10.0, 100.0]
     y = unpermute(torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0]]), plan).squeeze(1).tolist()
@@ -240,7 +294,6 @@ def test_capacity_drops_are_the_lowest_weights():
 def test_matches_transformers_qwen3_moe_block():
     """The same weights in a transformers Qwen3-MoE sparse block give the same output (eager + grouped_mm)."""
     pytest.importorskip("transformers")
-    bench = _load_bench()
     s = bench.Shape("t", E=8, k=2, D=16, F=12, T=20)
     layer = bench.moelab_layer(s, "grouped")
     x_TD = torch.randn(s.T, s.D)
@@ -251,18 +304,8 @@ def test_matches_transformers_qwen3_moe_block():
             torch.testing.assert_close(got, want, **TOL)
 
 
-def _load_bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_moe.py"
-    spec = importlib.util.spec_from_file_location("bench_moe", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_moe", mod)  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_bench_quick_writes_json(tmp_path):
     """Smoke test of the harness on tiny shapes (no timing asserted): every ratio is present and positive."""
-    bench = _load_bench()
     res = bench.run(quick=True, rounds=2, budget_s=1.0, out=str(tmp_path / "b.json"), hf=False)
     assert (tmp_path / "b.json").exists()
     for s in res["shapes"]:

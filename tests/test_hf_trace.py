@@ -8,8 +8,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from moelab.hf import HF_ADAPTERS, HFRecorder, HFReplay, moe_blocks
-from moelab.trace import RoutingCursor, load_trace, trace_hf
+from moelab.hf import HF_ADAPTERS, HFRecorder, HFReplay, moe_blocks, trace_hf
+from moelab.trace import RoutingCursor, load_trace
 
 E, K, V = 4, 2, 64
 _BASE = {"vocab_size": V, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -4,11 +4,10 @@ import math
 import pytest
 import torch
 
-from moelab.config import MoEConfig
+from moelab.config import ModelConfig, MoEConfig
 from moelab.model import (
     BOS_ID,
     LMOutput,
-    ModelConfig,
     MoELM,
     apply_rope,
     generate,
@@ -18,6 +17,7 @@ from moelab.model import (
 )
 from moelab.moe import MoELayer
 from moelab.presets import PRESETS, get_preset
+from moelab.resolve import resolve
 
 
 def small_cfg(**kw) -> ModelConfig:
@@ -46,12 +46,12 @@ def test_param_count_matches_formula_and_active_params(name):
     skipped = 0
     for blk in model.blocks:
         if isinstance(blk.ffn, MoELayer):
-            e = blk.ffn.experts
-            per_expert = (e.w_up_EDH.numel() + e.w_down_EFD.numel()) // e.n_experts
+            e = blk.ffn.experts.weights
+            per_expert = (e.w_up_EDG.numel() + e.w_down_EFD.numel()) // e.n_experts
             skipped += (e.n_experts - cfg.moe.top_k) * per_expert
     assert pc.active == total - skipped
     out = model(torch.randint(0, 256, (2, 5)))
-    assert sorted(out.moe) == cfg.moe_layers
+    assert sorted(out.moe) == cfg.moe_layer_ids
     print(f"{name}: {total} parameters, {pc.active} active per token")
 
 
@@ -63,13 +63,13 @@ def test_presets_build_and_count():
 
 def test_layer_layout_and_outputs():
     cfg = CONFIGS["deepseek_style"]
-    assert cfg.moe_layers == [1]
+    assert cfg.moe_layer_ids == [1]
     model = MoELM(cfg)
     idx = torch.randint(0, 256, (2, 10))
     out = model(idx)
     assert isinstance(out, LMOutput)
     assert out.logits_BSV.shape == (2, 10, cfg.vocab_size)
-    assert sorted(out.moe) == cfg.moe_layers
+    assert sorted(out.moe) == cfg.moe_layer_ids
     assert torch.allclose(out.aux_loss, sum(r.aux_loss for r in out.moe.values()))
     assert out.moe[1].routing.expert_idx_TK.shape == (20, cfg.moe.top_k)
 
@@ -167,7 +167,7 @@ def test_config_errors_name_field_and_allowed_values():
     with pytest.raises(ValueError, match="tiny, small, mixtral-like"):
         get_preset("huge")
     with pytest.raises(ValueError, match="router"):
-        get_preset("tiny", router="nope")
+        resolve("tiny", overrides={"moe.router": "nope"})
     with pytest.raises(ValueError, match="max_seq_len"):
         MoELM(small_cfg())(torch.zeros(1, 40, dtype=torch.long))
 

@@ -93,23 +93,32 @@ def test_relu_hand_worked_and_l1():
     assert float(relu_l1_coef_step(coef=c, sparsity=torch.tensor(0.1), target=1 / 3, rate=1.2)) == pytest.approx(1.2e-3)
 
 
-def test_relu_coefficient_steps_only_in_grad_training():
+def test_relu_coefficient_steps_once_per_optimizer_step():
+    """ReMoE's lambda moves once per optimizer step (MoELayer.step), from the gate sparsity averaged over the
+    step's training forwards (here two micro-batches); eval and no_grad forwards are not counted."""
     layer = MoELayer(cfg_(router="relu", relu_l1_init=1e-3))
-    x = torch.randn(5, 8)
-    out = layer(x)  # eval by default? MoELayer starts in training mode (nn.Module default)
-    sparsity = 1 - float((out.routing.expert_idx_TK >= 0).sum()) / (5 * 4)
-    want = 1e-3 * 1.2 ** math.copysign(1, (1 - 2 / 4) - sparsity) if sparsity != 0.5 else 1e-3
-    assert float(layer.relu_l1_coef) == pytest.approx(want)
-    l1 = float(torch.relu(out.routing.logits_TE).sum(-1).mean())
-    assert float(out.losses["relu_l1"]) == pytest.approx(l1, rel=1e-5)
-    assert float(out.aux_loss) == pytest.approx(1e-3 * l1 + 1e-2 * float(out.losses["aux"]), rel=1e-5)
-    before = layer.relu_l1_coef.clone()
+    coef = layer.state["relu_l1"].coef
+    sparsities = []
+    for x in (torch.randn(5, 8), torch.randn(7, 8) + 0.5):  # two micro-batches of one step
+        out = layer(x)
+        sparsities.append(1 - float((out.routing.expert_idx_TK >= 0).sum()) / (x.shape[0] * 4))
+        assert float(coef) == pytest.approx(1e-3)  # unchanged inside the step
+        l1 = float(torch.relu(out.routing.logits_TE).sum(-1).mean())
+        assert float(out.losses["relu_l1"]) == pytest.approx(l1, rel=1e-5)
+        assert float(out.aux_loss) == pytest.approx(1e-3 * l1 + 1e-2 * float(out.losses["aux"]), rel=1e-5)
     with torch.no_grad():
-        layer(x)
+        layer(torch.randn(5, 8) * 10)
     layer.eval()
-    layer(x)
-    assert torch.equal(layer.relu_l1_coef, before)
-    assert "relu_l1_coef" in layer.state_dict()
+    layer(torch.randn(5, 8) * 10)
+    layer.train()
+    layer.step()
+    mean = sum(sparsities) / 2
+    want = 1e-3 * 1.2 ** math.copysign(1, (1 - 2 / 4) - mean) if mean != 0.5 else 1e-3
+    assert float(coef) == pytest.approx(want)
+    before = coef.clone()
+    layer.step()  # nothing observed since: unchanged
+    assert torch.equal(coef, before)
+    assert "state.relu_l1.coef" in layer.state_dict()
 
 
 # ---- hash and random ------------------------------------------------------------------------------------
@@ -249,7 +258,7 @@ LAYER_CASES = {
 @pytest.mark.parametrize("case", sorted(LAYER_CASES))
 def test_layer_loop_vs_grouped(case):
     kw = LAYER_CASES[case]
-    cfgs = [cfg_(d_model=16, d_expert=32, n_experts=4, expert_impl=impl, **{**kw}) for impl in ("loop", "grouped")]
+    cfgs = [cfg_(d_model=16, d_expert=32, n_experts=4, expert_impl=impl, **kw) for impl in ("loop", "grouped")]
     torch.manual_seed(0)
     ref = MoELayer(cfgs[0])
     fast = MoELayer(cfgs[1])
@@ -297,7 +306,7 @@ def test_layer_output_matches_per_token_loop():
         want = torch.zeros(8)
         for e, w in zip(r.expert_idx_TK[t].tolist(), r.weight_TK[t].tolist()):
             if e < 4:
-                want += w * layer.experts.expert(e, x[t:t + 1])[0]
+                want += w * layer.experts.expert_fn(e, x[t:t + 1])[0]
             elif e == 5:  # copy
                 want += w * x[t]
             elif e == 6:  # const
@@ -347,9 +356,9 @@ def test_loss_free_bias_with_null_experts_counts_real_only():
     layer = MoELayer(cfg).train()
     out = layer(torch.randn(10, 8))
     counts = torch.bincount(out.routing.expert_idx_TK[out.routing.expert_idx_TK >= 0], minlength=4).float()
-    assert torch.equal(layer.expert_load, counts)
-    layer.update_bias()
-    assert layer.expert_bias.shape == (4,)
+    assert torch.equal(layer.state["loss_free"].load_E, counts)
+    layer.step()
+    assert layer.state["loss_free"].bias_E.shape == (4,)
 
 
 # ---- errors ---------------------------------------------------------------------------------------------

@@ -196,9 +196,10 @@ def _user_data(root):
 
 
 def test_cli_trace_run_then_analyze(tmp_path, capsys):
+    from moelab.checkpoint import load_model
     from moelab.cli import main
-    from moelab.model import ModelConfig
-    from moelab.train import TrainConfig, Trainer, load_model
+    from moelab.config import ModelConfig, TrainConfig
+    from moelab.train import Trainer
     data = _user_data(tmp_path / "data")
     mcfg = ModelConfig(moe=MoEConfig(d_model=16, d_expert=16, n_experts=4, top_k=2), d_model=16, n_layers=2,
                        n_heads=2, d_dense=16, max_seq_len=32)

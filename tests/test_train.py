@@ -7,20 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moelab.config import MoEConfig
+from moelab.checkpoint import list_checkpoints, load_model, optimizer_from_tensors, optimizer_to_tensors
+from moelab.config import ModelConfig, MoEConfig, TrainConfig
 from moelab.data import build_corpus
-from moelab.model import ModelConfig
 from moelab.moe import MoELayer
-from moelab.train import (
-    NonFiniteError,
-    TrainConfig,
-    Trainer,
-    list_checkpoints,
-    load_model,
-    lr_at,
-    optimizer_from_tensors,
-    optimizer_to_tensors,
-)
+from moelab.train import NonFiniteError, Trainer, lr_at
 
 
 def tiny_model(balance="aux") -> ModelConfig:
@@ -75,7 +66,7 @@ def test_exact_resume_2n_equals_n_plus_n(tmp_path, corpus, balance, accum):
     sa, sb = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     if balance == "loss_free":
-        assert any(v.abs().sum() > 0 for k, v in sb.items() if k.endswith("expert_bias"))
+        assert any(v.abs().sum() > 0 for k, v in sb.items() if k.endswith("bias_E"))
 
 
 def test_checkpoints_are_safetensors_atomic_and_pruned(tmp_path, corpus):
@@ -140,28 +131,29 @@ def test_nan_after_last_router_names_the_block(tmp_path, corpus):
     assert list_checkpoints(tmp_path / "m")[-1].name == "step_00000001"
 
 
-def test_grad_sync_and_reduce_metrics_hooks(tmp_path, corpus):
-    calls = {"sync": 0, "reduce": 0}
+def test_strategy_hooks_are_called_once_per_step(tmp_path, corpus):
+    """A distributed strategy subclasses the Trainer: its hooks run once per optimizer step, in order."""
+    calls = []
 
-    def grad_sync(model):
-        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-        calls["sync"] += 1
+    class Hooked(Trainer):
+        def sync_grads(self):
+            assert all(p.grad is not None for p in self.model.parameters() if p.requires_grad)
+            calls.append("sync")
 
-    def reduce_metrics(t):  # pretend two identical ranks: sums double, means stay
-        calls["reduce"] += 1
-        return t * 2
+        def reduce_metrics(self, flat):  # pretend two identical ranks: sums double, means stay
+            calls.append("reduce")
+            return flat * 2
 
-    tr = Trainer(tiny_model(), train_cfg(), tmp_path, corpus=corpus, verbose=False,
-                 grad_sync=grad_sync, reduce_metrics=reduce_metrics)
+        def step_routers(self):
+            calls.append("routers")
+            super().step_routers()
+
+    tr = Hooked(tiny_model(), train_cfg(), tmp_path, corpus=corpus, verbose=False)
     ref = Trainer(tiny_model(), train_cfg(), tmp_path / "ref", corpus=corpus, verbose=False)
     r1, r2 = tr.train_step(), ref.train_step()
-    assert calls == {"sync": 1, "reduce": 1}
+    assert calls == ["sync", "routers", "reduce"]
     assert r1["loss"] == pytest.approx(r2["loss"]) and r1["max_vio"] == pytest.approx(r2["max_vio"])
-    rank0 = Trainer(tiny_model(), train_cfg(), tmp_path / "r0", corpus=corpus, verbose=False, data_rank=0)
-    rank1 = Trainer(tiny_model(), train_cfg(), tmp_path / "r1", corpus=corpus, verbose=False, data_rank=1)
-    assert all(torch.equal(a, b) for a, b in zip(rank0.model.parameters(), rank1.model.parameters()))
-    b0, b1 = corpus.sample(4, 16, rank0.gen), corpus.sample(4, 16, rank1.gen)
-    assert not torch.equal(b0.idx_BS, b1.idx_BS)  # same init, other batches
+    assert r1["router/experts_per_token"] == pytest.approx(r2["router/experts_per_token"]) == [2.0, 2.0]
 
 
 def test_train_metrics_and_eval(tmp_path, corpus):
@@ -218,12 +210,14 @@ def test_cli_unknown_names_list_the_valid_ones(capsys):
 
 
 def test_cli_moe_set_overrides(tmp_path, capsys):
-    from moelab.cli import main
-    from moelab.presets import parse_overrides
-    assert parse_overrides(["n_zero=1", "gating_residual=true", "router=moepp", "capacity_factor=1.5"]) == {
-        "n_zero": 1, "gating_residual": True, "router": "moepp", "capacity_factor": 1.5}
+    from moelab.cli import build_parser, main
+    from moelab.resolve import overrides_from_args, resolve
+    args = build_parser().parse_args(["train", "--out", "x", "--moe-set", "n_zero=1", "gating_residual=true",
+                                      "router=moepp", "capacity_factor=1.5"])
+    moe = resolve("tiny", overrides=overrides_from_args(args)).model.moe
+    assert (moe.n_zero, moe.gating_residual, moe.router, moe.capacity_factor) == (1, True, "moepp", 1.5)
     with pytest.raises(ValueError, match="FIELD=VALUE"):
-        parse_overrides(["n_zero"])
+        overrides_from_args(build_parser().parse_args(["train", "--out", "x", "--moe-set", "n_zero"]))
     data = tmp_path / "t"
     data.mkdir()
     for i in range(3):
@@ -273,22 +267,19 @@ def test_global_balance_counts_span_the_micro_batches_of_one_step(tmp_path, corp
     2025), and the sum restarts at each optimizer step."""
     tr = Trainer(tiny_model("global"), train_cfg(grad_accum=2), tmp_path, corpus=corpus, verbose=False)
     layers = [m for m in tr.model.modules() if isinstance(m, MoELayer)]
-    assert layers and all(m.global_counts is not None for m in layers)
+    assert layers and all("global" in m.state for m in layers)
     seen = []
 
-    class Recorder:  # wraps the layer's GlobalBatchCounts: records (this micro-batch's counts, the sum used)
-        def __init__(self, inner):
-            self.inner = inner
+    def recording(state):  # wraps the layer's GlobalBatchCounts: records (this micro-batch's counts, the sum used)
+        inner = state.counts
 
-        def __call__(self, counts_E):
-            seen.append((counts_E.clone(), self.inner(counts_E)))
+        def counts(counts_E):
+            seen.append((counts_E.clone(), inner(counts_E)))
             return seen[-1][1]
-
-        def reset(self):
-            self.inner.reset()
+        return counts
 
     for m in layers:
-        m.global_counts = Recorder(m.global_counts)
+        m.state["global"].counts = recording(m.state["global"])
     tr.train_step()
     tr.train_step()
     L = len(layers)
