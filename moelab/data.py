@@ -35,7 +35,7 @@ SPLIT_VERSIONS = (1, 2)      # data rules load_documents / build_corpus know (se
 DEFAULT_SPLIT_VERSION = 2    # what a new run uses
 BINARY_SNIFF_BYTES = 8192    # the head of a file that decides whether it is binary (git looks at 8000)
 BINARY_CONTROL_SHARE = 0.10  # binary when more than this share of the head is control bytes
-CONTROL_BYTES = bytes([*range(0x00, 0x09), *range(0x0E, 0x1B), *range(0x1C, 0x20), 0x7F])  # C0 but TAB LF VT FF CR ESC; DEL
+CONTROL_BYTES = bytes([*range(0x09), *range(0x0E, 0x1B), *range(0x1C, 0x20), 0x7F])  # C0 but \t\n\v\f\r ESC; DEL
 REPORT_NAMES = 3             # names shown per skip reason in a report line
 SKIP_REASONS = ("binary", "empty", "duplicate", "hidden", "not UTF-8", "not a regular file", "broken link",
                 "unreadable")  # every reason a file is skipped, in the order a report lists them
@@ -159,8 +159,8 @@ def _group(records: list[tuple[str, str]]) -> dict[str, tuple[str, ...]]:
 def _read(p: Path, shown: str, scan: _Scan) -> bytes | None:
     try:
         return p.read_bytes()
-    except OSError as e:
-        scan.skip("unreadable", f"{shown} ({e.strerror or type(e).__name__})")
+    except OSError:
+        scan.skip("unreadable", shown)
         return None
 
 
@@ -185,7 +185,8 @@ def _add_file(raw: str, scan: _Scan) -> None:
     try:
         data = p.read_bytes()
     except OSError as e:
-        raise ValueError(f"--data file {raw!r} cannot be read ({e.strerror or e}): check its permissions") from None
+        why = e.strerror or e
+        raise ValueError(f"--data file {raw!r} cannot be read ({why}): check its permissions") from None
     reason = _classify(data, scan.version)
     if reason in ("binary", "not UTF-8"):
         raise ValueError(f"--data file {raw!r} is not UTF-8 text (binary or another encoding)" if v1 else
@@ -259,8 +260,10 @@ def _add_folder(raw: str, scan: _Scan) -> None:
     if len(scan.docs) == n_docs:
         if v1:
             raise ValueError(f"--data folder {raw!r} holds no non-empty UTF-8 text file")
-        what = _skip_text(_group(scan.records[n_records:]), scan.same_as) or "it is empty"
-        raise ValueError(f"--data folder {raw!r} holds no file to train on ({what}): give a folder of text files")
+        skipped = _group(scan.records[n_records:])
+        fix = "text files not loaded already" if "duplicate" in skipped else "text files"
+        raise ValueError(f"--data folder {raw!r} holds no file to train on "
+                         f"({_skip_text(skipped, scan.same_as) or 'no file at all'}): give a folder with {fix}")
 
 
 def load_documents(paths: list[str] | None = None, *, split_version: int = DEFAULT_SPLIT_VERSION) -> Loaded:
@@ -268,7 +271,8 @@ def load_documents(paths: list[str] | None = None, *, split_version: int = DEFAU
     folder's name, a file's parent folder), loaded by the rule `split_version`. Raises ValueError (one line)
     for a missing path, an unusable file named directly, or a folder without a file to train on."""
     if split_version not in SPLIT_VERSIONS:
-        raise ValueError(f"split_version={split_version!r} is invalid: allowed {', '.join(map(str, SPLIT_VERSIONS))}")
+        allowed = ", ".join(map(str, SPLIT_VERSIONS))
+        raise ValueError(f"split_version={split_version!r} is invalid: allowed {allowed}")
     scan = _Scan(split_version)
     if not paths or list(paths) == [BUILTIN]:
         for d in builtin_documents():
@@ -277,9 +281,12 @@ def load_documents(paths: list[str] | None = None, *, split_version: int = DEFAU
     for raw in paths:
         p = Path(raw)
         if not p.exists():
-            hint = (f"{BUILTIN!r} cannot be mixed with paths: give it alone" if raw == BUILTIN and split_version >= 2
-                    else "give an existing text file or folder")
-            raise ValueError(f"--data path {raw!r} does not exist" + ("" if split_version == 1 else f": {hint}"))
+            if split_version == 1:
+                raise ValueError(f"--data path {raw!r} does not exist")
+            if raw == BUILTIN:
+                raise ValueError(f"--data {BUILTIN} cannot be mixed with paths: give {BUILTIN} alone, "
+                                 "or only paths")
+            raise ValueError(f"--data path {raw!r} does not exist: give an existing text file or folder")
         (_add_file if p.is_file() else _add_folder)(raw, scan)
     return Loaded(scan.docs, scan.report())
 
@@ -303,8 +310,9 @@ def _skip_text(skipped: dict[str, tuple[str, ...]], same_as: dict[str, str]) -> 
 def format_report(report: DataReport) -> str:
     """One line, e.g. `data: 12 files (48.2 KiB, split v2), skipped 2 binary (a/x.png, a/y.bin),
     1 empty (a/e.txt), 1 duplicate (a/copy.txt = a/orig.txt)`."""
-    size = report.n_bytes / 1024
-    size_text = f"{size:.1f} KiB" if size < 1024 else f"{size / 1024:.1f} MiB"
+    n = report.n_bytes
+    size_text = (f"{n} bytes" if n < 1024 else f"{n / 1024:.1f} KiB" if n < 1024 ** 2
+                 else f"{n / 1024 ** 2:.1f} MiB")
     head = (f"data: {'built-in corpus, ' if report.builtin else ''}{report.n_files} files "
             f"({size_text}, split v{report.split_version})")
     skips = _skip_text(report.skipped, report.same_as) or "nothing skipped"
@@ -331,7 +339,8 @@ class Corpus:
     train: dict[str, Tensor]          # domain -> 1-D int16 ids
     val: dict[str, Tensor]            # domain -> 1-D int16 ids
     n_files: dict[str, tuple[int, int]]  # domain -> (train files, validation files)
-    files: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)  # domain -> (train, val) Document.path
+    files: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)  # domain ->
+    #                                 (train, validation) Document.path of each file, for messages
     report: DataReport | None = None  # what loading kept and skipped (format_report prints it)
 
     def check(self, seq_len: int) -> None:
@@ -350,12 +359,13 @@ class Corpus:
                     src = f"{part} {n_bytes} bytes of {names[0]}, a domain of one file, split by bytes"
                 else:
                     src = f"{len(names)} file{'s' * (len(names) != 1)}: {_names(names, {}) or 'none'}"
-                fixes = ["give more text"] + ([f"lower --seq-len to {s.numel() - 1} or less"]
-                                              if s.numel() - 1 >= 2 else [])
+                fit = min(t.numel() for t in [*self.train.values(), *self.val.values()]) - 1  # fits every split
+                fixes = ["give more text"] + ([f"lower --seq-len to {fit} or less"] if fit >= 2 else [])
                 fixes += ["raise --val-fraction"] if k == 1 else []
+                todo = fixes[0] if len(fixes) == 1 else \
+                    f"{', '.join(fixes[:-1])}{',' * (len(fixes) > 2)} or {fixes[-1]}"
                 raise ValueError(f"data: the {split} split of domain {dom!r} holds {n_bytes} bytes ({src}), "
-                                 f"less than one sequence of seq_len={seq_len}: {', '.join(fixes[:-1])}"
-                                 f"{' or ' if len(fixes) > 1 else ''}{fixes[-1]}")
+                                 f"less than one sequence of seq_len={seq_len}: {todo}")
 
     def sample(self, batch_size: int, seq_len: int, gen: torch.Generator) -> Batch:
         """Random training windows; each sequence picks a domain uniformly, then a start position.
