@@ -156,14 +156,6 @@ def _group(records: list[tuple[str, str]]) -> dict[str, tuple[str, ...]]:
     return {r: tuple(n for q, n in records if q == r) for r in SKIP_REASONS if any(q == r for q, _ in records)}
 
 
-def _read(p: Path, shown: str, scan: _Scan) -> bytes | None:
-    try:
-        return p.read_bytes()
-    except OSError:
-        scan.skip("unreadable", shown)
-        return None
-
-
 def _classify(data: bytes, version: int) -> str | None:
     """The skip reason for these bytes under the rule `version`, None to keep them."""
     if version == 1:
@@ -249,8 +241,10 @@ def _add_folder(raw: str, scan: _Scan) -> None:
     n_docs, n_records = len(scan.docs), len(scan.records)
     for q in (_folder_files_v1 if v1 else _folder_files_v2)(p, domain, scan):
         shown = f"{domain}/{q.relative_to(p).as_posix()}"
-        data = _read(q, shown, scan)
-        if data is None:
+        try:
+            data = q.read_bytes()
+        except OSError:
+            scan.skip("unreadable", shown)
             continue
         reason = _classify(data, scan.version)
         if reason is not None:
@@ -287,6 +281,8 @@ def load_documents(paths: list[str] | None = None, *, split_version: int = DEFAU
                 raise ValueError(f"--data {BUILTIN} cannot be mixed with paths: give {BUILTIN} alone, "
                                  "or only paths")
             raise ValueError(f"--data path {raw!r} does not exist: give an existing text file or folder")
+        if split_version >= 2 and not (p.is_file() or p.is_dir()):
+            raise ValueError(f"--data path {raw!r} is not a regular file or folder: give a text file or folder")
         (_add_file if p.is_file() else _add_folder)(raw, scan)
     return Loaded(scan.docs, scan.report())
 
@@ -294,6 +290,15 @@ def load_documents(paths: list[str] | None = None, *, split_version: int = DEFAU
 def user_documents(paths: list[str], *, split_version: int = DEFAULT_SPLIT_VERSION) -> list[Document]:
     """The documents of `load_documents(paths)` (its report dropped: prefer load_documents)."""
     return load_documents(paths, split_version=split_version).documents
+
+
+def document_text(data: bytes) -> str:
+    """A document's bytes as text for a tokenizer (moelab trace --hf): UTF-8 when they decode, else Latin-1,
+    which maps each byte to one character, so other encodings arrive without replacement characters."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
 
 
 def _names(names: tuple[str, ...], same_as: dict[str, str]) -> str:
@@ -313,8 +318,8 @@ def format_report(report: DataReport) -> str:
     n = report.n_bytes
     size_text = (f"{n} bytes" if n < 1024 else f"{n / 1024:.1f} KiB" if n < 1024 ** 2
                  else f"{n / 1024 ** 2:.1f} MiB")
-    head = (f"data: {'built-in corpus, ' if report.builtin else ''}{report.n_files} files "
-            f"({size_text}, split v{report.split_version})")
+    files = f"{report.n_files} file{'s' * (report.n_files != 1)}"
+    head = f"data: {'built-in corpus, ' if report.builtin else ''}{files} ({size_text}, split v{report.split_version})"
     skips = _skip_text(report.skipped, report.same_as) or "nothing skipped"
     kept = tuple(n for n in report.same_as if n not in report.skipped.get("duplicate", ()))
     twice = f", {len(kept)} duplicate kept by split v1 ({_names(kept, report.same_as)})" if kept else ""

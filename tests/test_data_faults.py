@@ -15,6 +15,7 @@ from moelab.data import (
     Document,
     build_corpus,
     builtin_documents,
+    document_text,
     format_report,
     is_binary,
     load_documents,
@@ -118,7 +119,7 @@ def test_report_line_shows_the_first_names_then_a_count(tmp_path):
     d = write(tmp_path / "d", {**{f"{i}.bin": b"\x00" for i in range(5)}, "t.txt": "x" * 2000})
     with unchanged(tmp_path):
         r = load_documents([str(d)]).report
-    assert format_report(r) == ("data: 1 files (2.0 KiB, split v2), "
+    assert format_report(r) == ("data: 1 file (2.0 KiB, split v2), "
                                 "skipped 5 binary (d/0.bin, d/1.bin, d/2.bin, +2 more)")
     assert r.skipped["binary"] == tuple(f"d/{i}.bin" for i in range(5))  # all names kept in the report
 
@@ -404,3 +405,19 @@ def test_builtin_corpus_is_deduplicated_and_reported():
     assert format_report(r).startswith(f"data: built-in corpus, {len(distinct)} files (")
     r1 = load_documents(["builtin"], split_version=1).report
     assert r1.n_files == len(docs) and "duplicate" not in r1.skipped
+
+
+def test_a_path_that_is_neither_file_nor_folder_is_an_error(tmp_path):
+    os.mkfifo(tmp_path / "pipe")
+    with unchanged(tmp_path), pytest.raises(ValueError) as e:
+        load_documents([str(tmp_path / "pipe")])
+    assert str(e.value) == (f"--data path {str(tmp_path / 'pipe')!r} is not a regular file or folder: "
+                            "give a text file or folder")
+
+
+def test_document_text_keeps_every_byte_for_a_tokenizer():
+    latin = "caf\xe9 cr\xe8me".encode("latin-1")
+    assert document_text(latin) == "caf\xe9 cr\xe8me" and document_text(latin).encode("latin-1") == latin
+    assert document_text("na\u00efve \u2603".encode()) == "na\u00efve \u2603"  # UTF-8 decodes as UTF-8
+    every = bytes(range(256))
+    assert "\ufffd" not in document_text(every) and len(document_text(every)) == 256
