@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moelab.data import build_corpus, builtin_documents, is_validation
+from moelab.data import build_corpus, builtin_documents, is_validation, is_validation_content
 from moelab.model import EOS_ID, PAD_ID
 
 
@@ -48,21 +48,30 @@ def make_folder(root: Path, name: str, files: dict[str, str]) -> Path:
     return d
 
 
-def test_user_folders_become_domains_and_split_deterministically(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_user_folders_become_domains_and_split_deterministically(tmp_path, version):
     a = make_folder(tmp_path, "poems", {f"p{i}.txt": f"poem number {i} " * 20 for i in range(12)})
     b = make_folder(tmp_path, "notes", {f"n{i}.md": f"note {i}: " + "x" * (30 + i) for i in range(12)})
-    c1 = build_corpus([str(a), str(b)], val_fraction=0.25)
-    c2 = build_corpus([str(b), str(a)], val_fraction=0.25)
+    c1 = build_corpus([str(a), str(b)], val_fraction=0.25, split_version=version)
+    c2 = build_corpus([str(b), str(a)], val_fraction=0.25, split_version=version)
     assert c1.domains == c2.domains == ["notes", "poems"]
     for d in c1.domains:
         assert torch.equal(c1.train[d], c2.train[d]) and torch.equal(c1.val[d], c2.val[d])
-    # every file lands wholly in one split, the one its name's hash picks
+    # every file lands wholly in one split: the one its name's hash (rule 1) or its bytes' hash (rule 2) picks
     tr, va = _decode(c1.train["poems"]), _decode(c1.val["poems"])
-    held = {i for i in range(12) if is_validation(f"p{i}.txt", 0.25)}
+    texts = {i: f"poem number {i} " * 20 for i in range(12)}
+    held = {i for i in range(12) if (is_validation(f"p{i}.txt", 0.25) if version == 1
+                                     else is_validation_content(texts[i].encode(), 0.25))}
     assert held, "pick names so that the hash holds some out"
     for i in range(12):
-        text = f"poem number {i} " * 20
-        assert (text in va) == (i in held) and (text in tr) == (i not in held)
+        assert (texts[i] in va) == (i in held) and (texts[i] in tr) == (i not in held)
+
+
+def test_content_hash_is_an_independent_sha256():
+    import hashlib
+    for data in (b"a", b"hello world", bytes(range(256))):
+        u = int(hashlib.sha256(data).hexdigest()[:16], 16) / 2 ** 64
+        assert is_validation_content(data, u + 1e-12) and not is_validation_content(data, u - 1e-12)
 
 
 def _decode(ids: torch.Tensor) -> str:
@@ -78,22 +87,28 @@ def test_single_file_is_split_by_bytes(tmp_path):
 
 
 def test_clear_errors_for_missing_empty_and_binary(tmp_path):
+    # rule 2: Latin-1 text is trained as bytes (rule 1 refused it), the folder error lists what was skipped
     with pytest.raises(ValueError, match="does not exist"):
         build_corpus([str(tmp_path / "nope")])
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match="empty.txt.*empty"):
         build_corpus([str(tmp_path / "empty.txt")])
     (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 4)
-    with pytest.raises(ValueError, match="blob.bin.*not UTF-8 text"):
+    with pytest.raises(ValueError, match="blob.bin.*binary"):
         build_corpus([str(tmp_path / "blob.bin")])
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    c = build_corpus([str(tmp_path / "latin1.txt")])
+    assert bytes(t for t in torch.cat([c.train[c.domains[0]], c.val[c.domains[0]]]).tolist() if t < 256) == \
+        "caf\xe9 cr\xe8me".encode("latin-1")
     with pytest.raises(ValueError, match="not UTF-8 text"):
-        build_corpus([str(tmp_path / "latin1.txt")])
+        build_corpus([str(tmp_path / "latin1.txt")], split_version=1)
     empty_dir = tmp_path / "nothing"
     empty_dir.mkdir()
     (empty_dir / "img.png").write_bytes(b"\x89PNG\x00\x00")
-    with pytest.raises(ValueError, match="nothing.*no non-empty UTF-8 text"):
+    with pytest.raises(ValueError, match=r"nothing.*no file to train on \(skipped 1 binary \(nothing/img.png\)\)"):
         build_corpus([str(empty_dir)])
+    with pytest.raises(ValueError, match="nothing.*no non-empty UTF-8 text"):
+        build_corpus([str(empty_dir)], split_version=1)
     with pytest.raises(ValueError, match="val_fraction"):
         build_corpus([str(tmp_path / "latin1.txt")], val_fraction=1.5)
 
