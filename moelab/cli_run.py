@@ -65,7 +65,8 @@ def _eval(args: argparse.Namespace) -> int:
         if args.batches < 1:
             raise ValueError(f"--batches={args.batches} is invalid: allowed an integer >= 1")
         cfg = cfg.replace(eval_batches=args.batches)
-    corpus = build_corpus(list(cfg.data), val_fraction=cfg.val_fraction)
+    corpus = build_corpus(list(cfg.data), val_fraction=cfg.val_fraction, split_version=cfg.split_version)
+    corpus.check(cfg.seq_len)
     ev = evaluate(model, corpus, cfg)
     summary = {"step": meta["step"], **ev, "unigram_loss": {d: corpus.unigram_loss(d) for d in corpus.domains}}
     Console().print(val_table(summary))

@@ -211,6 +211,7 @@ class TrainConfig:
     ckpt_every: int = 200            # checkpoint every n steps (and at the end); 0 = end only
     keep_last: int = 2               # checkpoints kept on disk
     val_fraction: float = 0.1        # share of files held out for validation
+    split_version: int = 2           # train/validation split rule: 2 = by content hash, 1 = by file name (old runs)
     data: tuple[str, ...] = ("builtin",)  # "builtin" or the user's text files / folders
 
     def __post_init__(self) -> None:
@@ -223,6 +224,8 @@ class TrainConfig:
         for f in ("lr", "weight_decay", "grad_clip"):
             if not getattr(self, f) >= 0:
                 raise ValueError(f"TrainConfig.{f}={getattr(self, f)!r} is invalid: allowed >= 0")
+        if self.split_version not in (1, 2):
+            raise ValueError(f"TrainConfig.split_version={self.split_version!r} is invalid: allowed 1 or 2")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"TrainConfig.min_lr_ratio={self.min_lr_ratio} is invalid: allowed 0..1")
 
@@ -232,4 +235,4 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         """Inverse of asdict (JSON turns the data tuple into a list)."""
-        return cls(**{**d, "data": tuple(d["data"])})
+        return cls(**{"split_version": 1, **d, "data": tuple(d["data"])})  # runs from before it: split 1

@@ -93,7 +93,8 @@ class EPTrainer(Trainer):
                  timeout_s: float = 120.0):
         rank, world = current_world(None)
         self.ep_group, self.replica_group = ep_groups(ep or world, timeout_s)
-        corpus = RankSlice(build_corpus(list(cfg.data), val_fraction=cfg.val_fraction), rank, world)
+        corpus = RankSlice(build_corpus(list(cfg.data), val_fraction=cfg.val_fraction,
+                                        split_version=cfg.split_version), rank, world)
         super().__init__(model_cfg, cfg, Path(out) / f"rank{rank}", corpus=corpus, verbose=rank == 0)
         shard_model(self.model, placement, self.ep_group)  # same seed on every rank: replicas start equal
         enable_global_balance(self.model)

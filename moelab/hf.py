@@ -288,9 +288,14 @@ def trace_hf_path(path_or_name: str, data: list[str] | None = None, *, seq_len: 
                   max_tokens: int = 16384, batch_size: int = 4, logits: bool = True, dtype: str = "float32") -> Trace:
     """`moelab trace --hf PATH`: a local transformers MoE model over `data` text (None = the built-in corpus),
     domains as moelab.data labels them; each domain is tokenized only up to its share of max_tokens."""
-    from moelab.data import builtin_documents, user_documents
+    from moelab.data import builtin_documents, document_text, format_report, load_documents
     model, tok = load_hf_causal_lm(path_or_name, dtype)
-    docs = builtin_documents() if not data or data == ["builtin"] else user_documents(data)
+    if not data or data == ["builtin"]:
+        docs = builtin_documents()
+    else:
+        loaded = load_documents(data)
+        print(format_report(loaded.report))
+        docs = loaded.documents
     domains = sorted({d.domain for d in docs})
     want = max_tokens // max(len(domains), 1) + seq_len
     token_docs = []
@@ -299,7 +304,7 @@ def trace_hf_path(path_or_name: str, data: list[str] | None = None, *, seq_len: 
         for d in (d for d in docs if d.domain == dom):
             if len(ids) >= want:
                 break
-            ids += tok(d.data.decode("utf-8", errors="replace"), add_special_tokens=False)["input_ids"][: want]
+            ids += tok(document_text(d.data), add_special_tokens=False)["input_ids"][: want]
         token_docs.append((dom, ids))
     doms, wins = windows(token_docs, seq_len, max_tokens)
     return trace_hf(model, wins, doms, batch_size=batch_size, logits=logits, decode=lambda t: tok.decode([t]),

@@ -293,7 +293,10 @@ def windows(docs: list[tuple[str, list[int]]], seq_len: int, max_tokens: int) ->
         out += [p[r] for p in per_doc if r < len(p)][: budget - len(out)]
         r += 1
     if not out:
-        raise ValueError(f"no document holds seq_len={seq_len} tokens: lower --seq-len or give more text")
+        longest = max((len(ids) for _, ids in docs), default=0)
+        fix = f"lower --seq-len to {longest} or less, or " if longest >= 2 else ""
+        raise ValueError(f"no document holds seq_len={seq_len} tokens (the longest of {len(docs)} holds {longest}): "
+                         f"{fix}give more text with --data")
     return domains, out
 
 
@@ -330,7 +333,8 @@ def trace_run(run: str | Path, data: list[str] | None = None, *, seq_len: int = 
     model, state = load_model(run)
     seq_len = min(seq_len, model.cfg.max_seq_len)
     cfg = TrainConfig.from_dict(state["train_config"])
-    corpus = build_corpus(list(data) if data else list(cfg.data), val_fraction=cfg.val_fraction)
+    corpus = build_corpus(list(data) if data else list(cfg.data), val_fraction=cfg.val_fraction,
+                          split_version=cfg.split_version)
     docs = [(d, corpus.val[d].long().tolist()) for d in corpus.domains]
     domains, wins = windows(docs, seq_len, max_tokens)
     tr = trace_moelab(model, wins, domains, batch_size=batch_size, logits=logits,

@@ -31,7 +31,7 @@ from torch import Tensor
 from moelab import checkpoint
 from moelab.balance import BalanceStats, balance_stats
 from moelab.config import ModelConfig, TrainConfig
-from moelab.data import Batch, Corpus, build_corpus
+from moelab.data import Batch, Corpus, build_corpus, format_report
 from moelab.model import LMOutput, MoELM, lm_loss, param_count
 from moelab.moe import moe_layers, step_routers
 
@@ -73,7 +73,9 @@ class Trainer:
             raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} is invalid: allowed <= max_seq_len="
                              f"{model_cfg.max_seq_len}")
         self.model_cfg, self.cfg, self.out = model_cfg, cfg, Path(out)
-        self.corpus = corpus if corpus is not None else build_corpus(list(cfg.data), val_fraction=cfg.val_fraction)
+        self.corpus = corpus if corpus is not None else build_corpus(list(cfg.data), val_fraction=cfg.val_fraction,
+                                                                     split_version=cfg.split_version)
+        self.corpus.check(cfg.seq_len)  # too little text for one sequence: one clear error, before any work
         torch.manual_seed(cfg.seed)
         self.model = MoELM(model_cfg)
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "tok_emb" not in n]
@@ -216,6 +218,8 @@ class Trainer:
         (self.out / "config.json").write_text(json.dumps(
             {"model_config": self.model_cfg.to_dict(), "train_config": asdict(cfg), "env": run_env()}, indent=1))
         pc = param_count(self.model_cfg)
+        if getattr(self.corpus, "report", None) is not None:
+            self.console.print(format_report(self.corpus.report))
         self.console.print(f"model: {pc.total:,} parameters, {pc.active:,} active per token; MoE layers "
                            f"{self.model_cfg.moe_layer_ids}; domains {self.corpus.domains}")
         t_start, tokens, last_eval = time.perf_counter(), 0, None

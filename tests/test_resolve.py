@@ -115,3 +115,11 @@ def test_version_and_python_m(capsys):
 def test_defaults_are_the_dataclass_defaults():
     run = resolve("tiny")
     assert run.train == TrainConfig() and isinstance(run.model, ModelConfig) and isinstance(run.model.moe, MoEConfig)
+
+
+def test_split_version_defaults_new_runs_to_2_and_old_runs_to_1():
+    assert TrainConfig().split_version == 2
+    old = {k: v for k, v in TrainConfig().__dict__.items() if k != "split_version"}
+    assert TrainConfig.from_dict({**old, "data": list(old["data"])}).split_version == 1
+    with pytest.raises(ValueError, match="split_version"):
+        TrainConfig(split_version=3)
