@@ -9,6 +9,7 @@ import torch
 from rich.console import Console
 
 from moelab.resolve import RunConfig, add_config_flags, apply, diff, overrides_from_args, resolve
+from moelab.runtime import DEVICES, DTYPES, Runtime, runtime
 
 # fields `train --resume` may change (what the run does next, not what it is); anything else is refused
 RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_last",
@@ -21,6 +22,20 @@ def set_threads(threads: int | None) -> None:
         if threads < 1:
             raise ValueError(f"--threads={threads} is invalid: allowed an integer >= 1")
         torch.set_num_threads(threads)
+
+
+def add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    """--device / --dtype / --threads: where and how a command computes (not part of the run's config)."""
+    p.add_argument("--device", choices=DEVICES, help="cpu | cuda | mps (default: the best available)")
+    p.add_argument("--dtype", choices=DTYPES, help="float32 (default) | bfloat16 (autocast; router and losses "
+                   "stay float32)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 per rank with --nproc)")
+
+
+def runtime_of(args: argparse.Namespace) -> Runtime:
+    """Sets --threads and returns the Runtime of --device / --dtype."""
+    set_threads(args.threads)
+    return runtime(args.device, args.dtype)
 
 
 def resume_config(out: Path, overrides: dict) -> RunConfig:
@@ -46,8 +61,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.nproc is not None or args.ep is not None or "WORLD_SIZE" in os.environ:  # expert x data parallel
         from moelab.ep_train import launch
         return launch(run, out=args.out, resume=args.resume, nproc=args.nproc, ep=args.ep, threads=args.threads)
-    set_threads(args.threads)
-    summary = Trainer(run.model, run.train, out).fit(resume=args.resume)
+    summary = Trainer(run.model, run.train, out, runtime=runtime_of(args)).fit(resume=args.resume)
     Console().print(val_table(summary))
     Console().print(f"run folder: {out} (metrics.jsonl, summary.json, ckpt/); plots: moelab plot {out}")
     return 0
@@ -58,7 +72,7 @@ def _eval(args: argparse.Namespace) -> int:
     from moelab.config import TrainConfig
     from moelab.data import build_corpus
     from moelab.train import evaluate, val_table
-    set_threads(args.threads)
+    rt = runtime_of(args)
     model, meta = load_model(args.run, args.ckpt)
     cfg = TrainConfig.from_dict(meta["train_config"])
     if args.batches is not None:
@@ -67,7 +81,7 @@ def _eval(args: argparse.Namespace) -> int:
         cfg = cfg.replace(eval_batches=args.batches)
     corpus = build_corpus(list(cfg.data), val_fraction=cfg.val_fraction, split_version=cfg.split_version)
     corpus.check(cfg.seq_len)
-    ev = evaluate(model, corpus, cfg)
+    ev = evaluate(model.to(rt.device), corpus, cfg, rt)
     summary = {"step": meta["step"], **ev, "unigram_loss": {d: corpus.unigram_loss(d) for d in corpus.domains}}
     Console().print(val_table(summary))
     return 0
@@ -76,13 +90,14 @@ def _eval(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from moelab.checkpoint import load_model
     from moelab.model import BOS_ID, generate
-    set_threads(args.threads)
+    rt = runtime_of(args)
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} is invalid: allowed an integer >= 0")
     model, _ = load_model(args.run)
-    ids = torch.tensor([BOS_ID] + list(args.prompt.encode("utf-8")))
-    out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   generator=torch.Generator().manual_seed(args.seed))
+    ids = torch.tensor([BOS_ID] + list(args.prompt.encode("utf-8")), device=rt.device)
+    with rt.autocast():
+        out = generate(model.to(rt.device), ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, generator=torch.Generator(device=rt.device).manual_seed(args.seed))
     print(args.prompt + bytes(out.tolist()).decode("utf-8", errors="replace"))
     return 0
 
@@ -97,10 +112,6 @@ def _plot(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from moelab.demo import run_demo
     return run_demo(out=args.out, steps=args.steps, threads=args.threads)
-
-
-def _threads_flag(p: argparse.ArgumentParser, default_help: str = "torch's choice") -> None:
-    p.add_argument("--threads", type=int, help=f"torch CPU threads (default: {default_help})")
 
 
 def register(sub) -> None:
@@ -122,7 +133,7 @@ def register(sub) -> None:
     t.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint with its saved "
                    f"config; only {', '.join(RESUME_MAY_CHANGE)} may change")
-    _threads_flag(t, "torch's choice; 1 per rank with --nproc")
+    add_runtime_flags(t)
     t.add_argument("--nproc", type=int, help="spawn N local gloo processes for expert x data parallel training "
                    "(--batch-size is per rank; under torchrun the world size is torchrun's)")
     t.add_argument("--ep", type=int, help="expert-parallel size P: experts sharded over blocks of P ranks, N/P "
@@ -133,7 +144,7 @@ def register(sub) -> None:
     e.add_argument("run", help="run folder written by `moelab train`")
     e.add_argument("--ckpt", help="a checkpoint folder (default: the run's latest)")
     e.add_argument("--batches", type=int, help="validation micro-batches per domain (default: the run's)")
-    _threads_flag(e)
+    add_runtime_flags(e)
     e.set_defaults(func=_eval)
     g = sub.add_parser("generate", help="sample text from a trained run",
                        description="Sample bytes after --prompt from RUN's latest checkpoint.")
@@ -143,7 +154,7 @@ def register(sub) -> None:
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=int, default=20, help="sample among the k most likely bytes (default 20)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    _threads_flag(g)
+    add_runtime_flags(g)
     g.set_defaults(func=_generate)
     pl = sub.add_parser("plot", help="loss, expert-load, MaxVio and specialization plots of a run",
                         description="Write loss.png, expert_load.png, max_vio.png and specialization.png "

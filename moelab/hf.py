@@ -285,11 +285,13 @@ def trace_hf(model: nn.Module, wins: list, domains: list[str], *, batch_size: in
 
 
 def trace_hf_path(path_or_name: str, data: list[str] | None = None, *, seq_len: int = 128,
-                  max_tokens: int = 16384, batch_size: int = 4, logits: bool = True, dtype: str = "float32") -> Trace:
+                  max_tokens: int = 16384, batch_size: int = 4, logits: bool = True, dtype: str = "float32",
+                  device: str = "cpu") -> Trace:
     """`moelab trace --hf PATH`: a local transformers MoE model over `data` text (None = the built-in corpus),
     domains as moelab.data labels them; each domain is tokenized only up to its share of max_tokens."""
     from moelab.data import builtin_documents, document_text, format_report, load_documents
     model, tok = load_hf_causal_lm(path_or_name, dtype)
+    model = model.to(device)
     if not data or data == ["builtin"]:
         docs = builtin_documents()
     else:

@@ -324,13 +324,14 @@ def trace_moelab(model: nn.Module, wins: list, domains: list[str], *, batch_size
 
 
 def trace_run(run: str | Path, data: list[str] | None = None, *, seq_len: int = 128, max_tokens: int = 16384,
-              batch_size: int = 8, logits: bool = True) -> Trace:
+              batch_size: int = 8, logits: bool = True, device: str = "cpu") -> Trace:
     """`moelab trace RUN`: the run's latest checkpoint over validation windows of each domain of `data`
     (None = the run's own training data), split with the run's val_fraction: never text it trained on."""
     from moelab.checkpoint import load_model
     from moelab.data import build_corpus
     from moelab.model import BOS_ID, EOS_ID, PAD_ID
     model, state = load_model(run)
+    model = model.to(device)
     seq_len = min(seq_len, model.cfg.max_seq_len)
     cfg = TrainConfig.from_dict(state["train_config"])
     corpus = build_corpus(list(data) if data else list(cfg.data), val_fraction=cfg.val_fraction,
