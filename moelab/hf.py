@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from moelab.progress import progress
 from moelab.trace import RoutingCursor, Trace, trace_from, windows
 
 
@@ -269,7 +270,7 @@ def trace_hf(model: nn.Module, wins: list, domains: list[str], *, batch_size: in
     dev = next(model.parameters()).device
     ids_all = [np.asarray(w, dtype=np.int64) for _, w in wins]
     with HFRecorder(model, logits=logits) as rec:
-        for b in range(0, len(wins), batch_size):
+        for b in progress(range(0, len(wins), batch_size), "trace"):
             model(input_ids=torch.as_tensor(np.stack(ids_all[b: b + batch_size]), device=dev), use_cache=False)
         layers = rec.take()
     S = len(ids_all[0])

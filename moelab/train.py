@@ -34,6 +34,7 @@ from moelab.config import ModelConfig, TrainConfig
 from moelab.data import Batch, Corpus, build_corpus, format_report
 from moelab.model import LMOutput, MoELM, lm_loss, param_count
 from moelab.moe import moe_layers, step_routers
+from moelab.progress import progress
 from moelab.runtime import Runtime
 
 ROUTER_STATS = ("experts_per_token", "special_per_token", "flops_saved")  # logged per MoE layer
@@ -286,7 +287,8 @@ def evaluate(model: MoELM, corpus: Corpus, cfg: TrainConfig, runtime: Runtime = 
     val_loss = {}
     for d, dom in enumerate(corpus.domains):
         tot, n = 0.0, 0.0
-        for b in corpus.val_batches(dom, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
+        for b in progress(corpus.val_batches(dom, cfg.batch_size, cfg.seq_len, cfg.eval_batches),
+                          f"eval {dom}", total=cfg.eval_batches):
             b = to_device(b, runtime.device)
             with runtime.autocast():
                 out = model(b.idx_BS, valid_BS=b.valid_BS)
