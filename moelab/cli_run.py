@@ -61,7 +61,11 @@ def _train(args: argparse.Namespace) -> int:
     if args.nproc is not None or args.ep is not None or "WORLD_SIZE" in os.environ:  # expert x data parallel
         from moelab.ep_train import launch
         return launch(run, out=args.out, resume=args.resume, nproc=args.nproc, ep=args.ep, threads=args.threads)
-    summary = Trainer(run.model, run.train, out, runtime=runtime_of(args)).fit(resume=args.resume)
+    trainer = Trainer(run.model, run.train, out, runtime=runtime_of(args))
+    if args.tensorboard:
+        from moelab.tensorboard import EventWriter
+        trainer.log_sinks.append(EventWriter(out / "tb").write)
+    summary = trainer.fit(resume=args.resume)
     Console().print(val_table(summary))
     Console().print(f"run folder: {out} (metrics.jsonl, summary.json, ckpt/); plots: moelab plot {out}")
     return 0
@@ -103,8 +107,14 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from moelab.plots import plot_run
-    for path in plot_run(args.run):
+    from moelab.plots import plot_compare, plot_run
+    if len(args.runs) > 1 and args.out is None:
+        raise ValueError("several runs are overlaid into one folder: give --out DIR")
+    paths = plot_run(args.runs[0]) if args.out is None else plot_compare(args.runs, args.out)
+    if args.tensorboard:
+        from moelab.tensorboard import export_runs
+        paths += export_runs(args.runs)
+    for path in paths:
         print(path)
     return 0
 
@@ -131,6 +141,8 @@ def register(sub) -> None:
                                    "full resolved config), metrics.jsonl, summary.json and checkpoints into --out.")
     add_config_flags(t)
     t.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
+    t.add_argument("--tensorboard", action="store_true", help="also log metrics as TensorBoard events in OUT/tb "
+                   "(needs the optional `tensorboard` package: pip install moelab[tb])")
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint with its saved "
                    f"config; only {', '.join(RESUME_MAY_CHANGE)} may change")
     add_runtime_flags(t)
@@ -156,8 +168,12 @@ def register(sub) -> None:
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     add_runtime_flags(g)
     g.set_defaults(func=_generate)
-    pl = sub.add_parser("plot", help="loss, expert-load, MaxVio and specialization plots of a run",
-                        description="Write loss.png, expert_load.png, max_vio.png and specialization.png "
-                                    "into RUN from its metrics.jsonl and summary.json.")
-    pl.add_argument("run", help="run folder written by `moelab train`")
+    pl = sub.add_parser("plot", help="plots of a run, or several runs overlaid",
+                        description="One RUN: write loss.png, expert_load.png, max_vio.png and specialization.png "
+                                    "into it from its metrics.jsonl and summary.json. Several runs (or --out): "
+                                    "loss, validation loss and MaxVio curves of every run overlaid, into --out.")
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by `moelab train`")
+    pl.add_argument("--out", help="folder for the overlay plots (needed with several runs)")
+    pl.add_argument("--tensorboard", action="store_true", help="also write each run's metrics as TensorBoard "
+                    "event files into RUN/tb (needs the optional `tensorboard` package: pip install moelab[tb])")
     pl.set_defaults(func=_plot)

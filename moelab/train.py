@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -88,6 +89,7 @@ class Trainer:
                                      lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False, foreach=False)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
+        self.log_sinks: list[Callable[[dict], None]] = []  # also called with every metrics.jsonl record
         self.console = Console(quiet=not verbose)
         self._rng_at_step_start = self._rng_state()
 
@@ -203,6 +205,8 @@ class Trainer:
     def _log(self, rec: dict) -> None:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
+        for sink in self.log_sinks:
+            sink(rec)
 
     def fit(self, resume: bool = False, stop_at: int | None = None) -> dict:
         """Train to cfg.steps (or pause at `stop_at`, with a checkpoint there) with a progress bar, periodic
