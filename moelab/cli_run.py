@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from moelab.resolve import RunConfig, add_config_flags, apply, diff, overrides_from_args, resolve
+from moelab.resolver import RunConfig, add_config_flags, apply, diff, overrides_from_args, resolve
 from moelab.runtime import DEVICES, DTYPES, Runtime, runtime
 
 # fields `train --resume` may change (what the run does next, not what it is); anything else is refused

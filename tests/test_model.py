@@ -17,7 +17,7 @@ from moelab.model import (
 )
 from moelab.moe import MoELayer
 from moelab.presets import PRESETS, get_preset
-from moelab.resolve import resolve
+from moelab.resolver import resolve
 
 
 def small_cfg(**kw) -> ModelConfig:

@@ -211,7 +211,7 @@ def test_cli_unknown_names_list_the_valid_ones(capsys):
 
 def test_cli_moe_set_overrides(tmp_path, capsys):
     from moelab.cli import build_parser, main
-    from moelab.resolve import overrides_from_args, resolve
+    from moelab.resolver import overrides_from_args, resolve
     args = build_parser().parse_args(["train", "--out", "x", "--moe-set", "n_zero=1", "gating_residual=true",
                                       "router=moepp", "capacity_factor=1.5"])
     moe = resolve("tiny", overrides=overrides_from_args(args)).model.moe
