@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.balance import expert_counts
-from moelab.moe import MoELayer
 from moelab.model import MoELM
+from moelab.moe import MoELayer
 
 BY_MERGE = ("routing_similarity", "random")
 BY_PRUNE = ("usage", "random")
@@ -223,7 +223,8 @@ def merge_experts(model: MoELM, stats: dict[int, RoutingStats], n_experts: int, 
 
 def prune_experts(model: MoELM, stats: dict[int, RoutingStats], n_experts: int, *, by: str = "usage",
                   seed: int = 0) -> tuple[MoELM, dict[int, list[int]]]:
-    """Usage-based expert pruning (the frequency-based baseline of MC-SMoE, arXiv 2310.01334 sec. 4): keep the n_experts most used experts of each layer (by='random': random ones), drop the
+    """Usage-based expert pruning (the frequency-based baseline of MC-SMoE, arXiv 2310.01334 sec. 4): keep
+    the n_experts most used experts of each layer (by='random': random ones), drop the
     others' router rows; the softmax over the kept rows renormalises. Returns (new model, {layer: kept})."""
     if by not in BY_PRUNE:
         raise ValueError(f"--by={by!r} is invalid for pruning: allowed {', '.join(BY_PRUNE)}")

@@ -23,13 +23,14 @@ from torch import Tensor, nn
 from moelab import lora_variants as lv
 from moelab.balance import BalanceStats, balance_stats, expert_counts, loss_free_bias_step
 from moelab.config import replace_fields
+from moelab.lora_variants import fit_centroids, load_peft_adapter  # noqa: F401  (re-exported)
 from moelab.routers import Routing
 
 VARIANTS = ("lora", "mixlora", "xlora", "smora", "flylora", "similarity")
 FROZEN_ADAPTERS = ("xlora", "similarity")          # variants mixing adapters loaded with LoRAConfig.adapters
 RANK_EXPERTS = ("smora", "flylora")                # variants whose experts are the ranks of one LoRA
 FFN_NAMES = ("up", "down", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "fc1", "fc2", "c_fc")
-PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."  # PEFT key prefix of every adapter tensor
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,8 @@ class LoRAExperts(nn.Module):
                 self.A_ERI = nn.Parameter(a_ERI)
         n_routes = {"mixlora": E, "smora": R}.get(cfg.variant)
         self.gate = nn.Linear(I, n_routes, bias=False) if n_routes else None
-        if self.gate is not None:
-            nn.init.zeros_(self.gate.weight) if cfg.variant == "smora" else nn.init.normal_(self.gate.weight, std=I ** -0.5)
+        if self.gate is not None:  # smora: zero (uniform) router, so all ranks active = the plain LoRA
+            nn.init.normal_(self.gate.weight, std=0.0 if cfg.variant == "smora" else I ** -0.5)
         self.moe_cfg = lv.moe_config_for(n_routes, I, cfg.top_k, cfg.router, cfg.balance) if n_routes else None
         if cfg.variant in ("flylora", "smora", "mixlora"):  # loss-free state, persistent like MoELayer's
             self.register_buffer("route_bias", torch.zeros(n_routes or R))
@@ -232,7 +233,7 @@ def find_targets(model: nn.Module, targets: str) -> list[str]:
     contains 'attn' or 'attention' (moelab: the fused qkv and out); all: both; else PEFT's rule for a list:
     a name equal to an entry or ending in '.' + entry."""
     names = _linear_names(model)
-    parts = lambda n: n.split(".")  # noqa: E731
+    parts = lambda n: n.split(".")
     ffn = [n for n in names if parts(n)[-1] in FFN_NAMES and "experts" not in parts(n)
            and not any(re.search("attn|attention", p) for p in parts(n)[:-1])]
     attn = [n for n in names if any(re.search("attn|attention", p) for p in parts(n)[:-1])]
@@ -307,7 +308,6 @@ def _attach_xlora_classifier(model: nn.Module, cfg: LoRAConfig) -> None:
         s_TE = mod.xlora_classifier(seen[-1].reshape(-1, seen[-1].shape[-1]))
         for m in mods:
             m.scalings_TE = s_TE
-        return None
     model._xlora_hook = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
 
@@ -360,33 +360,6 @@ def update_lora_biases(model: nn.Module) -> None:
             m.route_load.zero_()
 
 
-@torch.no_grad()
-def fit_centroids(model: nn.Module, batches_by_adapter: list[list], forward) -> None:
-    """Similarity router: centroid e of each wrapped layer = mean input of that layer over adapter e's domain
-    batches, adapters off. `forward(model, batch)` runs the model on one batch; gradient-free."""
-    mods = lora_modules(model)
-    sums = {n: None for n in mods}
-    hooks = []
-    for n, m in mods.items():
-        m.scaling_pass = True
-        hooks.append(m.register_forward_hook(lambda mod, inp, out, n=n: sums.__setitem__(n, inp[0].reshape(
-            -1, inp[0].shape[-1]).float().mean(0))))
-    try:
-        for e, batches in enumerate(batches_by_adapter):
-            acc = {n: [] for n in mods}
-            for b in batches:
-                forward(model, b)
-                for n in mods:
-                    acc[n].append(sums[n])
-            for n, m in mods.items():
-                m.centroids_EI[e] = torch.stack(acc[n]).mean(0)
-    finally:
-        for h in hooks:
-            h.remove()
-        for m in mods.values():
-            m.scaling_pass = False
-
-
 # ---------------------------------------------------------------- state, PEFT folders, merge
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -420,7 +393,8 @@ def load_lora_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
                 continue
             if k in ("A_ERI", "B_EOR"):
                 ab = "lora_A" if k == "A_ERI" else "lora_B"
-                keys = [f"{pre}.{ab}.weight"] if v.shape[0] == 1 else [f"{pre}.{ab}.{e}.weight" for e in range(v.shape[0])]
+                keys = [f"{pre}.{ab}.weight"] if v.shape[0] == 1 else [f"{pre}.{ab}.{e}.weight"
+                                                                       for e in range(v.shape[0])]
                 own[k] = torch.stack([sd[x] for x in keys])
             else:
                 own[k] = sd[f"{pre}.{k}"]
@@ -442,27 +416,6 @@ def save_lora(model: nn.Module, cfg: LoRAConfig, out: str | Path, base: str = ""
     save_file(lora_state_dict(model), str(out / "adapter_model.safetensors"))
     (out / "adapter_config.json").write_text(json.dumps(conf, indent=1))
     return out
-
-
-def load_peft_adapter(path: str | Path) -> tuple[dict[str, tuple[Tensor, Tensor]], float]:
-    """A PEFT LoRA folder -> ({target module name: (A (R, I), B (O, R))}, scale alpha / r). Reads
-    `base_model.model.{name}.lora_A[.default].weight`; rank_pattern / alpha_pattern / rslora are refused."""
-    path = Path(path)
-    conf_path, w_path = path / "adapter_config.json", path / "adapter_model.safetensors"
-    if not conf_path.is_file() or not w_path.is_file():
-        raise ValueError(f"adapter folder {str(path)!r} must hold adapter_config.json and adapter_model.safetensors")
-    conf = json.loads(conf_path.read_text())
-    if conf.get("peft_type", "LORA") != "LORA" or conf.get("use_rslora") or conf.get("rank_pattern") \
-            or conf.get("alpha_pattern") or conf.get("use_dora"):
-        raise ValueError(f"adapter {str(path)!r}: only plain LoRA (no rslora/DoRA/rank_pattern) is supported")
-    sd = load_file(str(w_path))
-    pat = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
-    ab: dict[str, dict[str, Tensor]] = {}
-    for k, v in sd.items():
-        m = pat.match(k)
-        if m:
-            ab.setdefault(m.group(1), {})[m.group(2)] = v.float()
-    return {n: (d["A"], d["B"]) for n, d in ab.items() if "A" in d and "B" in d}, conf["lora_alpha"] / conf["r"]
 
 
 def load_lora(model: nn.Module, path: str | Path) -> tuple[LoRAConfig, list[str]]:

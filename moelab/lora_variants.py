@@ -6,10 +6,14 @@ similarity router's centroid fit); the module that holds the weights is moelab.l
 """
 from __future__ import annotations
 
+import json
 import math
+import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from moelab.balance import switch_aux_loss
@@ -97,3 +101,51 @@ def lora_init(a_ERI: Tensor) -> None:
     """PEFT / Hu et al. 2021 (arXiv 2106.09685) sec. 4.1: A Kaiming-uniform (a=sqrt(5)), B zero."""
     for a_RI in a_ERI:
         nn.init.kaiming_uniform_(a_RI, a=math.sqrt(5))
+
+
+@torch.no_grad()
+def fit_centroids(model: nn.Module, batches_by_adapter: list[list], forward) -> None:
+    """Similarity router: centroid e of each wrapped layer = mean input of that layer over adapter e's domain
+    batches, adapters off. `forward(model, batch)` runs the model on one batch; gradient-free."""
+    mods = {n: m for n, m in model.named_modules() if hasattr(m, "centroids_EI")}
+    sums = {n: None for n in mods}
+    hooks = []
+    for n, m in mods.items():
+        m.scaling_pass = True
+        hooks.append(m.register_forward_hook(lambda mod, inp, out, n=n: sums.__setitem__(n, inp[0].reshape(
+            -1, inp[0].shape[-1]).float().mean(0))))
+    try:
+        for e, batches in enumerate(batches_by_adapter):
+            acc = {n: [] for n in mods}
+            for b in batches:
+                forward(model, b)
+                for n in mods:
+                    acc[n].append(sums[n])
+            for n, m in mods.items():
+                m.centroids_EI[e] = torch.stack(acc[n]).mean(0)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in mods.values():
+            m.scaling_pass = False
+
+
+def load_peft_adapter(path: str | Path) -> tuple[dict[str, tuple[Tensor, Tensor]], float]:
+    """A PEFT LoRA folder -> ({target module name: (A (R, I), B (O, R))}, scale alpha / r). Reads
+    `base_model.model.{name}.lora_A[.default].weight`; rank_pattern / alpha_pattern / rslora are refused."""
+    path = Path(path)
+    conf_path, w_path = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not conf_path.is_file() or not w_path.is_file():
+        raise ValueError(f"adapter folder {str(path)!r} must hold adapter_config.json and adapter_model.safetensors")
+    conf = json.loads(conf_path.read_text())
+    if conf.get("peft_type", "LORA") != "LORA" or conf.get("use_rslora") or conf.get("rank_pattern") \
+            or conf.get("alpha_pattern") or conf.get("use_dora"):
+        raise ValueError(f"adapter {str(path)!r}: only plain LoRA (no rslora/DoRA/rank_pattern) is supported")
+    sd = load_file(str(w_path))
+    pat = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
+    ab: dict[str, dict[str, Tensor]] = {}
+    for k, v in sd.items():
+        m = pat.match(k)
+        if m:
+            ab.setdefault(m.group(1), {})[m.group(2)] = v.float()
+    return {n: (d["A"], d["B"]) for n, d in ab.items() if "A" in d and "B" in d}, conf["lora_alpha"] / conf["r"]

@@ -69,7 +69,7 @@ def test_routing_similarity_and_grouping_by_hand():
     sim = routing_similarity(lg)
     assert torch.isclose(sim[0, 2], torch.tensor(1.0))
     groups = group_experts(torch.tensor([5.0, 9.0, 0.0, 3.0]), sim, 2)  # dominant: 1 and 0
-    c = lambda i, j: float(torch.nn.functional.cosine_similarity(lg[:, i], lg[:, j], dim=0))  # noqa: E731
+    c = lambda i, j: float(torch.nn.functional.cosine_similarity(lg[:, i], lg[:, j], dim=0))
     g3 = 1 if c(3, 1) > c(3, 0) else 0
     assert groups == [[0, 2] + ([3] if g3 == 0 else []), [1] + ([3] if g3 == 1 else [])]
 
@@ -110,7 +110,7 @@ def test_random_merge_and_low_rank_shapes_and_errors():
     stats = routing_stats(m, bs)
     assert sum(float(s.usage_E.sum()) for s in stats.values()) == 2 * 2 * 24 * 2  # layers * k * tokens
     new, groups = merge_experts(m, stats, 2, by="random", seed=3)
-    assert all(sorted(sum(g, [])) == [0, 1, 2, 3] and len(g) == 2 for g in groups.values())
+    assert all(sorted(e for grp in g for e in grp) == [0, 1, 2, 3] and len(g) == 2 for g in groups.values())
     assert torch.isfinite(logits(new, bs)).all()
     full, n_full = low_rank_compress(m, rank=16)    # rank = min(D, G=2F): exact
     torch.testing.assert_close(logits(full, bs), logits(m, bs), rtol=1e-4, atol=1e-4)
@@ -120,3 +120,31 @@ def test_random_merge_and_low_rank_shapes_and_errors():
         merge_experts(m, stats, 1)
     with pytest.raises(ValueError, match="--by"):
         prune_experts(m, stats, 2, by="routing_similarity")
+
+
+def test_cli_compress_writes_a_loadable_smaller_run(tmp_path, capsys):
+    import argparse
+    from dataclasses import asdict
+
+    from moelab.cli_lora import register, save_run
+    from moelab.train import TrainConfig, load_model
+    data = tmp_path / "data"
+    for dom in ("a", "b"):
+        (data / dom).mkdir(parents=True)
+        for k in range(3):
+            (data / dom / f"{k}.txt").write_text(f"{dom} text number {k} " * 40)
+    cfg = TrainConfig(batch_size=2, seq_len=12, eval_batches=1, data=(str(data / "a"), str(data / "b")))
+    m = model(E=4)
+    save_run(m, {"train_config": asdict(cfg), "step": 5, "domains": ["a", "b"]}, tmp_path / "run")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["compress", str(tmp_path / "run"), "--prune-to", "2", "--calib-batches", "2",
+                              "--out", str(tmp_path / "small")])
+    assert args.func(args) == 0
+    small, meta = load_model(tmp_path / "small")
+    assert small.cfg.moe.n_experts == 2 and meta["step"] == 5
+    assert "val loss after" in capsys.readouterr().out
+    args = parser.parse_args(["compress", str(tmp_path / "run"), "--merge-to", "3", "--by", "usage",
+                              "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="--by='usage' is invalid for merging"):
+        args.func(args)

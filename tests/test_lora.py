@@ -297,3 +297,32 @@ def test_config_errors():
         LoRAConfig(variant="xlora")
     with pytest.raises(ValueError, match="LoRAConfig.top_k"):
         LoRAConfig(variant="smora", rank=4, top_k=5)
+
+
+def test_cli_lora_merge(tmp_path):
+    import argparse
+    from dataclasses import asdict
+
+    from moelab.cli_lora import register, save_run
+    from moelab.train import TrainConfig, load_model
+    base = tiny_model()
+    save_run(base, {"train_config": asdict(TrainConfig(seq_len=8)), "step": 3, "domains": ["code"]}, tmp_path / "run")
+    m, _ = load_model(tmp_path / "run")
+    cfg = LoRAConfig(variant="lora", targets="attn", rank=2)
+    attach_lora_experts(m, cfg)
+    randomize_b(m)
+    save_lora(m, cfg, tmp_path / "ad", base=str(tmp_path / "run"))
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["lora", "merge", str(tmp_path / "ad"), "--out", str(tmp_path / "merged")])
+    assert args.func(args) == 0
+    merged, _ = load_model(tmp_path / "merged")
+    torch.testing.assert_close(merged(ids()).logits_BSV, m(ids()).logits_BSV, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(merged(ids()).logits_BSV, base(ids()).logits_BSV)
+    cfg2 = LoRAConfig(variant="mixlora", targets="attn", rank=2, n_experts=2)
+    m2, _ = load_model(tmp_path / "run")
+    attach_lora_experts(m2, cfg2)
+    save_lora(m2, cfg2, tmp_path / "ad2", base=str(tmp_path / "run"))
+    args = parser.parse_args(["lora", "merge", str(tmp_path / "ad2"), "--out", str(tmp_path / "m2")])
+    with pytest.raises(ValueError, match="variant 'mixlora' mixes adapters per token"):
+        args.func(args)
