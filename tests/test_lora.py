@@ -326,3 +326,29 @@ def test_cli_lora_merge(tmp_path):
     args = parser.parse_args(["lora", "merge", str(tmp_path / "ad2"), "--out", str(tmp_path / "m2")])
     with pytest.raises(ValueError, match="variant 'mixlora' mixes adapters per token"):
         args.func(args)
+
+
+def test_transformers_model_peft_target_names_and_merge():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    x = torch.randint(0, 64, (2, 6))
+    ref = hf(x).logits
+    assert find_targets(hf, "ffn") == [f"model.layers.{i}.mlp.{p}" for i in range(2)
+                                       for p in ("gate_proj", "up_proj", "down_proj")]
+    assert len(find_targets(hf, "attn")) == 8 and "lm_head" not in find_targets(hf, "all")
+    names = attach_lora_experts(hf, LoRAConfig(variant="mixlora", targets="q_proj,v_proj", n_experts=2, top_k=1))
+    assert names == [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in ("q", "v")]
+    assert torch.equal(hf(x).logits, ref)          # B = 0: unchanged
+    torch.manual_seed(0)
+    hf2 = transformers.LlamaForCausalLM(cfg).eval()
+    assert torch.equal(hf2(x).logits, ref)
+    c1 = LoRAConfig(variant="lora", targets="q_proj,v_proj", rank=2)
+    attach_lora_experts(hf2, c1)
+    randomize_b(hf2)
+    y = hf2(x).logits
+    assert not torch.allclose(y, ref, atol=1e-4)
+    merge_lora(hf2)
+    torch.testing.assert_close(hf2(x).logits, y, rtol=1e-4, atol=1e-5)
