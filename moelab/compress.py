@@ -60,6 +60,23 @@ def routing_stats(model: MoELM, batches: list, max_tokens: int = 8192) -> dict[i
     return {i: RoutingStats(usage[i], torch.cat(logits[i])) for i in usage}
 
 
+def stats_from_trace(trace, moe_layer_ids: list[int]) -> dict[int, RoutingStats]:
+    """The same statistics from a moelab.trace.Trace (L traced MoE layers, in order; `moe_layer_ids` = their
+    block indices, model.cfg.moe_layers). Router outputs past the routed experts (special experts) are left
+    out; a trace saved without logits gives usage only (logits_NE with 0 rows)."""
+    if trace.n_layers != len(moe_layer_ids):
+        raise ValueError(f"trace has {trace.n_layers} MoE layers, the model {len(moe_layer_ids)}")
+    E = int(trace.meta.get("n_routed_experts", trace.n_experts))
+    out = {}
+    for j, i in enumerate(moe_layer_ids):
+        idx_NK = torch.from_numpy(trace.expert_idx_LNK[j].astype(np.int64))
+        idx_NK = torch.where(idx_NK < E, idx_NK, -1)
+        lg = trace.logits_LNE[j, :, :E] if trace.logits_LNE is not None else np.zeros((0, E), np.float32)
+        usage_E = expert_counts(expert_idx_TK=idx_NK, n_experts=E)
+        out[i] = RoutingStats(usage_E, torch.from_numpy(lg.astype(np.float32)))
+    return out
+
+
 def routing_similarity(logits_NE: Tensor) -> Tensor:
     """MC-SMoE (Li et al. 2023, arXiv 2310.01334) sec. 3.1: similarity of experts i, j = cosine of their router
     logit columns over the calibration tokens (the 'router-logits' policy of the authors' code) -> (E, E)."""
@@ -152,7 +169,8 @@ def align_expert(ref: tuple[Tensor, Tensor], other: tuple[Tensor, Tensor]) -> tu
     return w_up[:, idx], w_down[perm]
 
 
-def merge_group(w_up_EDG: Tensor, w_down_EFD: Tensor, group: list[int], usage_E: Tensor) -> tuple[Tensor, Tensor]:
+def merge_group(w_up_EDG: Tensor, w_down_EFD: Tensor, group: list[int],
+                usage_E: Tensor) -> tuple[Tensor, Tensor]:
     """MC-SMoE sec. 3.2: align every member to the group's first (dominant) expert, then average weighted by
     usage (uniform when the group saw no token)."""
     w_G = usage_E[group].double()
@@ -174,6 +192,8 @@ def _rebuild(model: MoELM, n_experts: int, per_layer: dict[int, tuple[list[list[
     new_cfg = cfg.replace(moe=cfg.moe.replace(n_experts=n_experts))
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     up_name, down_name = _expert_param_names()
+    if cfg.moe.gating_residual:
+        raise ValueError("compress: MoEConfig.gating_residual=True is not supported (its W_g mixes all routes)")
     for i, (groups, usage_E) in per_layer.items():
         layer = model.blocks[i].ffn
         w_up, w_down = expert_weights(layer)
@@ -192,8 +212,6 @@ def _rebuild(model: MoELM, n_experts: int, per_layer: dict[int, tuple[list[list[
         bias = layer.expert_bias.detach()
         sd[pre + "expert_bias"] = torch.stack([bias[g].mean() for g in groups])
         sd[pre + "expert_load"] = torch.zeros(n_experts)
-        if layer.prev_gate is not None:
-            raise ValueError("compress: MoEConfig.gating_residual=True is not supported (its W_g mixes all routes)")
     new = MoELM(new_cfg)
     new.load_state_dict(sd)
     return new.train(model.training)
@@ -206,14 +224,16 @@ def _check_target(model: MoELM, n: int, what: str) -> None:
                          f"{f' and a multiple of n_group={m.n_group}' if m.n_group > 1 else ''}")
 
 
-def merge_experts(model: MoELM, stats: dict[int, RoutingStats], n_experts: int, *, by: str = "routing_similarity",
-                  seed: int = 0) -> tuple[MoELM, dict[int, list[list[int]]]]:
+def merge_experts(model: MoELM, stats: dict[int, RoutingStats], n_experts: int, *,
+                  by: str = "routing_similarity", seed: int = 0) -> tuple[MoELM, dict[int, list[list[int]]]]:
     """M-SMoE (arXiv 2310.01334 sec. 3): group by routing-policy similarity around the most used experts
     (by='random': random groups, the control), align and usage-weighted merge each group, router rows merged
     to match. Returns (new model, {layer: groups})."""
     if by not in BY_MERGE:
         raise ValueError(f"--by={by!r} is invalid for merging: allowed {', '.join(BY_MERGE)}")
     _check_target(model, n_experts, "merge")
+    if by == "routing_similarity" and any(s.logits_NE.shape[0] == 0 for s in stats.values()):
+        raise ValueError("merge --by routing_similarity needs router logits: the trace was saved without them")
     groups = {}
     for i, s in stats.items():
         groups[i] = (group_experts(s.usage_E, routing_similarity(s.logits_NE), n_experts) if by != "random"

@@ -148,3 +148,16 @@ def test_cli_compress_writes_a_loadable_smaller_run(tmp_path, capsys):
                               "--out", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="--by='usage' is invalid for merging"):
         args.func(args)
+
+
+def test_stats_from_trace_match_routing_stats():
+    from moelab.compress import stats_from_trace
+    from moelab.trace import trace_moelab
+    m = model(E=4)
+    bs = batches(n=1)
+    wins = [(0, row.tolist()) for row in bs[0].idx_BS]
+    tr = trace_moelab(m, wins, ["d"], batch_size=2)
+    got, ref = stats_from_trace(tr, m.cfg.moe_layers), routing_stats(m, bs)
+    for i in ref:
+        assert torch.equal(got[i].usage_E, ref[i].usage_E)
+        torch.testing.assert_close(got[i].logits_NE, ref[i].logits_NE, rtol=1e-2, atol=1e-2)  # fp16 in traces
