@@ -9,6 +9,7 @@ Writes benchmarks/results/bench_peft.json.  Usage: python benchmarks/bench_peft.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import tempfile
@@ -18,7 +19,15 @@ from pathlib import Path
 
 import torch
 
-from moelab.compress import expert_param_total, low_rank_compress, merge_experts, prune_experts, routing_stats
+from moelab.compress import (
+    expert_param_total,
+    expert_weights,
+    low_rank_compress,
+    merge_experts,
+    merge_group,
+    prune_experts,
+    routing_stats,
+)
 from moelab.data import Corpus
 from moelab.lora import (
     LoRAConfig,
@@ -56,6 +65,38 @@ def finetune(model: MoELM, corpus: Corpus, cfg: TrainConfig, steps: int, lr: flo
     return loss
 
 
+def recover(model: MoELM, corpus: Corpus, cfg: TrainConfig, steps: int, lr: float) -> MoELM:
+    """Brief full fine-tune after compression (MC-SMoE fine-tunes after merging; here plain LM loss + aux)."""
+    model.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(3)
+    model.train()
+    for _ in range(steps):
+        b = corpus.sample(cfg.batch_size, cfg.seq_len, gen)
+        out = model(b.idx_BS, valid_BS=b.valid_BS)
+        lm = lm_loss(logits_BSV=out.logits_BSV, targets_BS=b.targets_BS, valid_BS=b.valid_BS)
+        opt.zero_grad(set_to_none=True)
+        (lm + out.aux_loss).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return model.eval()
+
+
+def shared_groups(model: MoELM, stats: dict, groups: dict) -> MoELM:
+    """Control: MC-SMoE as the authors run it, router unchanged (E rows), every group member set to the merged
+    weights; shows what merging the router rows (compress.merge_experts) costs on top."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for i, gs in groups.items():
+            up, down = expert_weights(m.blocks[i].ffn)
+            for g in gs:
+                u, d = merge_group(up.detach().clone(), down.detach().clone(), g, stats[i].usage_E)
+                for e in g:
+                    up[e].copy_(u)
+                    down[e].copy_(d)
+    return m
+
+
 def sub_corpus(corpus: Corpus, dom: str) -> Corpus:
     return Corpus([dom], {dom: corpus.train[dom]}, {dom: corpus.val[dom]}, {dom: corpus.n_files[dom]})
 
@@ -78,6 +119,7 @@ def main() -> None:
     ap.add_argument("--base-steps", type=int, default=300)
     ap.add_argument("--ft-steps", type=int, default=80)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--recover-steps", type=int, default=50, help="full fine-tune steps after compressing")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/bench_peft.json")
     args = ap.parse_args()
@@ -141,9 +183,11 @@ def main() -> None:
     stats = routing_stats(base, calib)
     half = base.cfg.moe.n_experts // 2
     comp = [{"method": "none", "experts": base.cfg.moe.n_experts, "expert_params": expert_param_total(base),
-             "val_loss": rows[0]["val_loss"]}]
-    merged, _ = merge_experts(base, stats, half)
-    arms = [("merge MC-SMoE (routing similarity)", merged)]
+             "val_loss": rows[0]["val_loss"], "val_loss_after_recovery": evaluate(
+                 recover(fresh(), corpus, tcfg, args.recover_steps, 1e-3), corpus, tcfg)["val_loss"]}]
+    merged, groups = merge_experts(base, stats, half)
+    arms = [("merge MC-SMoE (routing similarity)", merged),
+            ("same groups, router unchanged (8 rows, members share weights)", shared_groups(base, stats, groups))]
     arms += [(f"merge random groups (seed {s})", merge_experts(base, stats, half, by="random", seed=s)[0])
              for s in range(3)]
     arms += [("prune by usage", prune_experts(base, stats, half)[0]),
@@ -152,14 +196,17 @@ def main() -> None:
     low, stored = low_rank_compress(merged, 32)
     arms.append(("merge MC-SMoE + low rank 32", low))
     for name, m in arms:
+        ev = evaluate(m, corpus, tcfg)["val_loss"]
+        rec = evaluate(recover(m, corpus, tcfg, args.recover_steps, 1e-3), corpus, tcfg)["val_loss"] \
+            if args.recover_steps and m is not low else None
         comp.append({"method": name, "experts": m.cfg.moe.n_experts,
-                     "expert_params": stored if m is low else expert_param_total(m),
-                     "val_loss": evaluate(m, corpus, tcfg)["val_loss"]})
+                     "expert_params": stored if m is low else expert_param_total(m), "val_loss": ev,
+                     "val_loss_after_recovery": rec})
         print(comp[-1])
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": os.uname().nodename,
            "threads": args.threads, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
            "wall_s": round(time.time() - t0, 1), "train_config": asdict(tcfg), "ft_steps": args.ft_steps,
-           "lr": args.lr, "peft": rows, "compress": comp}
+           "lr": args.lr, "recover_steps": args.recover_steps, "peft": rows, "compress": comp}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"wrote {args.out}")
