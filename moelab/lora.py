@@ -183,7 +183,8 @@ class LoRAExperts(nn.Module):
                 self.route_load += expert_counts(expert_idx_TK=routing.expert_idx_TK, n_experts=n)
 
     def delta(self, x_TI: Tensor) -> Tensor:
-        """The adapters' contribution (T, O) in fp32."""
+        """The adapters' contribution (T, O) in fp32. Every expert (or rank) is computed for every token and
+        unchosen ones get weight 0: exact and simple at adapter sizes; no sorted dispatch yet."""
         cfg, x = self.cfg, x_TI.float()
         if cfg.variant in RANK_EXPERTS:  # one LoRA (E=1), ranks gated: B diag(w) A x
             h_TR = x @ self.A_ERI[0].t()
