@@ -41,7 +41,8 @@ from moelab.lora import (
 )
 from moelab.model import MoELM, lm_loss
 from moelab.presets import tiny
-from moelab.train import TrainConfig, Trainer, evaluate
+from moelab.config import TrainConfig
+from moelab.train import Trainer, evaluate
 
 
 def finetune(model: MoELM, corpus: Corpus, cfg: TrainConfig, steps: int, lr: float, seed: int) -> float:

@@ -55,20 +55,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def save_run(model, meta: dict, out: str | Path) -> Path:
-    """Save `model` as a run folder through the trainer's own checkpoint writer (ckpt/step_N with
-    model.safetensors + state.json, and config.json), keeping the source run's train config and domains.
-    The one place that reaches the checkpoint code (moves to moelab.checkpoint with the lead's change)."""
-    from moelab.data import Corpus
-    from moelab.train import TrainConfig, Trainer
-    cfg = TrainConfig.from_dict(meta["train_config"])
+    """Save `model` as a run folder with the checkpoint writer (ckpt/step_N with model.safetensors, a fresh
+    optimizer and state.json, and config.json), keeping the source run's train config and domains."""
+    from moelab.checkpoint import save_checkpoint
     if Path(out, "ckpt").is_dir() and any(Path(out, "ckpt").iterdir()):
         raise ValueError(f"--out {str(out)!r} already holds checkpoints: choose another folder")
-    rng = torch.get_rng_state()
-    tr = Trainer(model.cfg, cfg, out, corpus=Corpus(list(meta.get("domains", [])), {}, {}, {}), verbose=False)
-    torch.set_rng_state(rng)
-    tr.model.load_state_dict(model.state_dict())
-    tr.step = int(meta.get("step", 0))
-    path = tr.save_checkpoint()
+    rng = {"rng.torch": torch.get_rng_state(), "rng.data": torch.Generator().manual_seed(0).get_state()}
+    path = save_checkpoint(out, int(meta.get("step", 0)), model=model, opt=torch.optim.AdamW(model.parameters()),
+                           extra=rng, meta={"model_config": model.cfg.to_dict(), "train_config": meta["train_config"],
+                                            "domains": meta.get("domains", [])}, keep_last=1)
     Path(out, "config.json").write_text(json.dumps({"model_config": model.cfg.to_dict(),
                                                     "train_config": meta["train_config"]}, indent=1))
     return path
@@ -76,7 +71,7 @@ def save_run(model, meta: dict, out: str | Path) -> Path:
 
 def cli_lora_merge(args: argparse.Namespace) -> int:
     from moelab.lora import load_lora, merge_lora
-    from moelab.train import load_model
+    from moelab.checkpoint import load_model
     conf = json.loads((Path(args.run) / "adapter_config.json").read_text()) \
         if (Path(args.run) / "adapter_config.json").is_file() else None
     if conf is None:
@@ -97,7 +92,9 @@ def cli_compress(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from moelab.data import build_corpus
-    from moelab.train import TrainConfig, evaluate, load_model
+    from moelab.checkpoint import load_model
+    from moelab.config import TrainConfig
+    from moelab.train import evaluate
     if args.threads:
         torch.set_num_threads(args.threads)
     model, meta = load_model(args.run)

@@ -21,14 +21,14 @@ BY_MERGE = ("routing_similarity", "random")
 BY_PRUNE = ("usage", "random")
 
 
-# ---- the one place that names the expert weights (the lead renames w_up_EDH -> w_up_EDG) -------------
+# ---- the one place that names the expert weights ---------------------------------------------------------
 def expert_weights(layer: MoELayer) -> tuple[Tensor, Tensor]:
     """(w_up_EDG gate|up fused, w_down_EFD) of a MoE layer's routed experts."""
-    return layer.experts.w_up_EDH, layer.experts.w_down_EFD
+    return layer.experts.weights.w_up_EDG, layer.experts.weights.w_down_EFD
 
 
 def _expert_param_names() -> tuple[str, str]:
-    return "experts.w_up_EDH", "experts.w_down_EFD"
+    return "experts.weights.w_up_EDG", "experts.weights.w_down_EFD"
 
 
 class RoutingStats(NamedTuple):
@@ -62,7 +62,7 @@ def routing_stats(model: MoELM, batches: list, max_tokens: int = 8192) -> dict[i
 
 def stats_from_trace(trace, moe_layer_ids: list[int]) -> dict[int, RoutingStats]:
     """The same statistics from a moelab.trace.Trace (L traced MoE layers, in order; `moe_layer_ids` = their
-    block indices, model.cfg.moe_layers). Router outputs past the routed experts (special experts) are left
+    block indices, model.cfg.moe_layer_ids). Router outputs past the routed experts (special experts) are left
     out; a trace saved without logits gives usage only (logits_NE with 0 rows)."""
     if trace.n_layers != len(moe_layer_ids):
         raise ValueError(f"trace has {trace.n_layers} MoE layers, the model {len(moe_layer_ids)}")
@@ -209,9 +209,10 @@ def _rebuild(model: MoELM, n_experts: int, per_layer: dict[int, tuple[list[list[
             w_G = w_G / w_G.sum() if w_G.sum() > 0 else torch.full_like(w_G, 1.0 / len(g))
             rows.append((w_G[:, None] * gate_ND[g]).sum(0))
         sd[pre + "gate.weight"] = torch.cat([torch.stack(rows), gate_ND[E:]])
-        bias = layer.expert_bias.detach()
-        sd[pre + "expert_bias"] = torch.stack([bias[g].mean() for g in groups])
-        sd[pre + "expert_load"] = torch.zeros(n_experts)
+        if "loss_free" in layer.state:  # the selection bias follows its experts; the step's counts restart
+            bias = layer.state["loss_free"].bias_E.detach()
+            sd[pre + "state.loss_free.bias_E"] = torch.stack([bias[g].mean() for g in groups])
+            sd[pre + "state.loss_free.load_E"] = torch.zeros(n_experts)
     new = MoELM(new_cfg)
     new.load_state_dict(sd)
     return new.train(model.training)

@@ -20,8 +20,9 @@ from moelab.compress import (
 )
 from moelab.config import MoEConfig
 from moelab.data import Batch
-from moelab.experts import mlp
-from moelab.model import ModelConfig, MoELM
+from moelab.experts import ExpertTensors, activate, mlp
+from moelab.config import ModelConfig
+from moelab.model import MoELM
 
 
 def model(top_k=2, E=4, seed=0) -> MoELM:
@@ -59,7 +60,9 @@ def test_alignment_recovers_a_permutation_and_keeps_the_function():
     perm = torch.randperm(5)
     p_up, p_down = w_up[:, torch.cat([perm, perm + 5])], w_down[perm]
     x = torch.randn(3, 6)
-    torch.testing.assert_close(mlp(x, p_up, p_down, "swiglu"), mlp(x, w_up, w_down, "swiglu"))
+    def swiglu_mlp(x, up, down):
+        return mlp(x, ExpertTensors(up, down), lambda h: activate(h, "swiglu"))
+    torch.testing.assert_close(swiglu_mlp(x, p_up, p_down), swiglu_mlp(x, w_up, w_down))
     a_up, a_down = align_expert((w_up, w_down), (p_up, p_down))
     assert torch.equal(a_up, w_up) and torch.equal(a_down, w_down)
 
@@ -127,7 +130,8 @@ def test_cli_compress_writes_a_loadable_smaller_run(tmp_path, capsys):
     from dataclasses import asdict
 
     from moelab.cli_lora import register, save_run
-    from moelab.train import TrainConfig, load_model
+    from moelab.checkpoint import load_model
+    from moelab.config import TrainConfig
     data = tmp_path / "data"
     for dom in ("a", "b"):
         (data / dom).mkdir(parents=True)
@@ -157,7 +161,7 @@ def test_stats_from_trace_match_routing_stats():
     bs = batches(n=1)
     wins = [(0, row.tolist()) for row in bs[0].idx_BS]
     tr = trace_moelab(m, wins, ["d"], batch_size=2)
-    got, ref = stats_from_trace(tr, m.cfg.moe_layers), routing_stats(m, bs)
+    got, ref = stats_from_trace(tr, m.cfg.moe_layer_ids), routing_stats(m, bs)
     for i in ref:
         assert torch.equal(got[i].usage_E, ref[i].usage_E)
         torch.testing.assert_close(got[i].logits_NE, ref[i].logits_NE, rtol=1e-2, atol=1e-2)  # fp16 in traces

@@ -21,7 +21,8 @@ from moelab.lora import (
     save_lora,
     update_lora_biases,
 )
-from moelab.model import ModelConfig, MoELM
+from moelab.config import ModelConfig
+from moelab.model import MoELM
 
 
 def tiny_model(seed=0) -> MoELM:
@@ -304,7 +305,8 @@ def test_cli_lora_merge(tmp_path):
     from dataclasses import asdict
 
     from moelab.cli_lora import register, save_run
-    from moelab.train import TrainConfig, load_model
+    from moelab.checkpoint import load_model
+    from moelab.config import TrainConfig
     base = tiny_model()
     save_run(base, {"train_config": asdict(TrainConfig(seq_len=8)), "step": 3, "domains": ["code"]}, tmp_path / "run")
     m, _ = load_model(tmp_path / "run")
