@@ -284,8 +284,9 @@ def simulate(trace, *, caches: list[int], policies: list[str], scope: str = "lay
     costs = costs or {"pcie4": CostModel()}
     rows = []
     for cap in caches:
-        pins = static_pins(counts_LE, cap, scope)
         cap_c = cap if scope == "layer" else cap * trace.n_layers
+        warm = static_pins(counts_LE, cap_c, scope)  # every cache starts with the profiled favourites
+        pinned = static_pins(counts_LE, cap_c - need, scope)  # static keeps `need` slots to stream through
         for spec in policies:
             ev, pf = parse_policy(spec, base)
             policy = Static() if ev == "static" else EVICTIONS[ev]()
@@ -298,7 +299,7 @@ def simulate(trace, *, caches: list[int], policies: list[str], scope: str = "lay
                 pre = PregatePrefetch(pregate_LNK[:, ev_N])
             elif pf == "prev-token":
                 pre = PrevTokenPrefetch()
-            rc = replay(reqs, cap_c, policy, scope=scope, prefetcher=pre, initial=pins)
+            rc = replay(reqs, cap_c, policy, scope=scope, prefetcher=pre, initial=pinned if ev == "static" else warm)
             rows.append(_row(reqs, rc, spec, pf, cap, costs))
     for r in rows:  # hit rate / Belady's at the same cache size (eviction policies only: prefetch can beat it)
         bel = next(b for b in rows if b["policy"] == "belady" and b["cache"] == r["cache"]) \

@@ -147,13 +147,11 @@ class Belady(Eviction):
 
 class Static(Eviction):
     """Static pinning: the cache holds the experts used most in the profiling part of the trace and never
-    changes; other experts stream through a transient buffer (what llama.cpp --n-cpu-moe / -ot users set by
-    hand, there computing them on the CPU instead of fetching them)."""
+    changes; other experts stream through a buffer of k slots carved out of the same cache (so a cache of C
+    pins C - k per layer). What llama.cpp --n-cpu-moe / -ot users set by hand (there the others run on the
+    CPU instead of being fetched)."""
     name = "static"
     admits = False
-
-    def __init__(self, pinned_per_cache: list[list[int]] | None = None):
-        self.pinned = pinned_per_cache or []
 
     def victim(self, c, candidates, q):  # never asked: admits=False
         raise AssertionError("static pinning never evicts")
@@ -163,14 +161,13 @@ EVICTIONS = {"lru": LRU, "lfu": LFU, "fifo": FIFO, "least-stale": LeastStale, "s
              "belady": Belady}
 
 
-def static_pins(counts_LE: np.ndarray, capacity: int, scope: str) -> list[list[int]]:
-    """Keys to pin: the `capacity` most used experts of each layer (per-layer), or the capacity*L most used
-    (layer, expert) pairs overall (global); ties to the lower index."""
+def static_pins(counts_LE: np.ndarray, n: int, scope: str) -> list[list[int]]:
+    """Keys to pin: the n most used experts of each layer (scope 'layer'), or the n most used (layer, expert)
+    pairs overall (scope 'global'); ties to the lower index."""
     L, E = counts_LE.shape
     if scope == "layer":
-        return [[l * E + int(e) for e in np.argsort(-counts_LE[l], kind="stable")[:capacity]] for l in range(L)]
-    flat = np.argsort(-counts_LE.reshape(-1), kind="stable")[: capacity * L]
-    return [[int(k) for k in flat]]
+        return [[l * E + int(e) for e in np.argsort(-counts_LE[l], kind="stable")[:n]] for l in range(L)]
+    return [[int(k) for k in np.argsort(-counts_LE.reshape(-1), kind="stable")[:n]]]
 
 
 # ---- prefetchers: predict the keys of request q+1 while request q computes ----------------------------------
