@@ -5,8 +5,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from moelab.offload import (LINKS, SCOPES, CostModel, load_pregate, parse_caches, record_pregate, save_pregate,
-                            simulate, write_json)
+from moelab.offload import (
+    LINKS,
+    SCOPES,
+    CostModel,
+    load_pregate,
+    parse_caches,
+    record_pregate,
+    save_pregate,
+    simulate,
+    write_json,
+)
 from moelab.offload_policies import EVICTIONS
 
 
@@ -70,6 +79,7 @@ def _caches(text: str, k: int, n_layers: int, expert_bytes: int) -> list[int]:
 
 def cmd_simulate(args) -> int:
     from rich.console import Console
+
     from moelab.trace import load_trace
     tr = load_trace(args.trace)
     links = [t.strip() for t in args.link.split(",") if t.strip()]
@@ -100,7 +110,7 @@ def result_table(res: dict, link: str | None):
     for col in ("cache/layer", "policy", "decode hit", "/ Belady", "stalls/token", "prefill hit", "fetched",
                 "pf wasted", *([f"{link} tok/s", "resident tok/s"] if link else [])):
         t.add_column(col, justify="left" if col == "policy" else "right")
-    f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+    f = lambda v, fmt: "-" if v is None else format(v, fmt)
     for r in res["rows"]:
         t.add_row(str(r["cache"]), r["policy"], f(r["decode_hit_rate"], ".3f"), f(r["decode_vs_belady"], ".3f"),
                   f(r["decode_misses_per_token"], ".2f"), f(r["prefill_hit_rate"], ".3f"),
@@ -110,9 +120,9 @@ def result_table(res: dict, link: str | None):
     return t
 
 
-def plot_results(res: dict, out: Path, title: str = "") -> list[Path]:
-    """hit_rate.png (decode hit rate vs cache size, one line per policy) and tokens_s.png (decode tokens/s per
-    link vs cache size)."""
+def plot_results(res: dict, out: Path, title: str = "", prefix: str = "") -> list[Path]:
+    """PREFIXhit_rate.png (decode hit rate vs cache size, one line per policy) and PREFIXtokens_s.png (decode tokens/s
+    per link vs cache size)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -132,7 +142,7 @@ def plot_results(res: dict, out: Path, title: str = "") -> list[Path]:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    paths.append(out / "hit_rate.png")
+    paths.append(out / f"{prefix}hit_rate.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     links = list(m["costs"])
@@ -151,7 +161,7 @@ def plot_results(res: dict, out: Path, title: str = "") -> list[Path]:
         axes[0][0].set_ylabel("decode tokens/s (cost model)")
         axes[0][-1].legend(fontsize=6)
         fig.tight_layout()
-        paths.append(out / "tokens_s.png")
+        paths.append(out / f"{prefix}tokens_s.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths

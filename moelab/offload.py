@@ -14,8 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from moelab.offload_policies import (EVICTIONS, PREFETCHERS, AffinityPrefetch, Prefetcher, PregatePrefetch,
-                                     PrevTokenPrefetch, Static, static_pins)
+from moelab.offload_policies import (
+    EVICTIONS,
+    PREFETCHERS,
+    AffinityPrefetch,
+    Prefetcher,
+    PregatePrefetch,
+    PrevTokenPrefetch,
+    Static,
+    static_pins,
+)
 
 SCOPES = ("layer", "global")
 # Link presets: (bytes/s, seconds of latency per transfer). Effective, not peak, rates.
@@ -76,7 +84,7 @@ class Requests:
         if len(reqs) % n_layers:
             raise ValueError(f"{len(reqs)} requests is not a multiple of n_layers={n_layers}")
         J = len(reqs) // n_layers
-        keys = [sorted(set(int(k) for k in r)) for r in reqs]
+        keys = [sorted({int(k) for k in r}) for r in reqs]
         return Requests(n_layers, n_experts, np.array([k for r in keys for k in r], dtype=np.int64),
                         np.repeat(np.arange(len(keys)), [len(r) for r in keys]).astype(np.int64),
                         np.r_[0, np.cumsum([len(r) for r in keys])].astype(np.int64), np.ones(J, np.int8),
@@ -169,7 +177,7 @@ def replay(reqs: Requests, capacity: int, policy, *, scope: str = "layer", prefe
         hit_Q[q], miss_Q[q] = len(keys) - len(miss), len(miss)
         if policy.admits and miss:
             protected = set(keys)
-            for k in miss:
+            for k in policy.order_misses(miss, q):
                 if len(S) >= capacity and not evict_for(c, protected, q):
                     break  # the request alone fills the cache: the remaining misses stream through
                 S.add(k)
@@ -260,7 +268,7 @@ def simulate(trace, *, caches: list[int], policies: list[str], scope: str = "lay
     cache starts with; all numbers come from the remaining sequences. -> {"meta": ..., "rows": [...]}."""
     n_routed = int(trace.meta.get("n_routed_experts", trace.n_experts))
     seqs = np.unique(trace.seq_ids_N)
-    n_fit = int(round(fit_fraction * len(seqs)))
+    n_fit = round(fit_fraction * len(seqs))
     if not 0 <= fit_fraction < 1 or n_fit >= len(seqs):
         raise ValueError(f"--fit-fraction={fit_fraction} leaves no sequence to score ({len(seqs)} in the trace): "
                          f"allowed 0 <= f < 1 with at least one sequence left")
@@ -286,7 +294,8 @@ def simulate(trace, *, caches: list[int], policies: list[str], scope: str = "lay
     for cap in caches:
         cap_c = cap if scope == "layer" else cap * trace.n_layers
         warm = static_pins(counts_LE, cap_c, scope)  # every cache starts with the profiled favourites
-        pinned = static_pins(counts_LE, cap_c - need, scope)  # static keeps `need` slots to stream through
+        everything = cap >= n_routed  # the whole model fits: nothing to stream
+        pinned = static_pins(counts_LE, cap_c if everything else cap_c - need, scope)  # else keep `need` slots
         for spec in policies:
             ev, pf = parse_policy(spec, base)
             policy = Static() if ev == "static" else EVICTIONS[ev]()

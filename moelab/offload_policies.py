@@ -31,6 +31,10 @@ class Eviction:
     def victim(self, c: int, candidates: list[int], q: int) -> int:
         raise NotImplementedError
 
+    def order_misses(self, miss: list[int], q: int) -> list[int]:
+        """Order in which request q's misses are inserted (matters only when they overflow the cache)."""
+        return miss
+
 
 class LRU(Eviction):
     """Least recently used (mixtral-offloading's per-layer policy, Eliseev & Mazur 2023, arXiv 2312.17238 §3.1).
@@ -143,6 +147,9 @@ class Belady(Eviction):
 
     def victim(self, c, candidates, q):
         return max(candidates, key=lambda k: (self._next(k, q), k))
+
+    def order_misses(self, miss, q):  # an overflowing prefill keeps the experts needed soonest
+        return sorted(miss, key=lambda k: (self._next(k, q), k))
 
 
 class Static(Eviction):

@@ -3,7 +3,7 @@ building against a loop, prefetchers, the pre-gate recorder, the cost model and 
 import argparse
 import itertools
 import json
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -11,12 +11,26 @@ import torch
 
 from moelab.cli_offload import register
 from moelab.model import MoELM
-from moelab.offload import (CostModel, ReplayCounts, Requests, build_requests, parse_caches, record_pregate, replay,
-                            simulate, timing)
-from moelab.offload_policies import (EVICTIONS, AffinityPrefetch, Belady, PrevTokenPrefetch, Static,
-                                     static_pins)
+from moelab.offload import (
+    CostModel,
+    ReplayCounts,
+    Requests,
+    build_requests,
+    parse_caches,
+    record_pregate,
+    replay,
+    simulate,
+    timing,
+)
+from moelab.offload_policies import (
+    EVICTIONS,
+    AffinityPrefetch,
+    PrevTokenPrefetch,
+    Static,
+    static_pins,
+)
 from moelab.presets import get_preset
-from moelab.trace import Trace, trace_moelab, windows
+from moelab.trace import trace_moelab, windows
 
 DYNAMIC = ["lru", "lfu", "fifo", "least-stale", "belady"]
 
@@ -62,7 +76,7 @@ def test_static_keeps_its_pins_and_streams_the_rest():
 
 def brute_force_hits(seq, cap):
     """Most hits any demand-fetching policy can get: every choice of victims, memoised on (request, cache)."""
-    @lru_cache(maxsize=None)
+    @cache
     def best(q, S):
         if q == len(seq):
             return 0
@@ -229,3 +243,9 @@ def test_cli_simulate_writes_table_json_and_plots(tmp_path, capsys):
     assert [r["cache"] for r in res["rows"]] == [4, 4, 4, 8, 8, 8]
     assert (tmp_path / "o" / "hit_rate.png").stat().st_size > 0 and (tmp_path / "o" / "tokens_s.png").is_file()
     assert res["rows"][0]["nvme_decode_tok_s"] < res["rows"][0]["pcie4_decode_tok_s"]
+
+
+def test_static_at_full_size_pins_everything_and_others_start_warm():
+    _, tr = _tiny_trace()
+    res = simulate(tr, caches=[16], policies=["static", "lru", "belady"], prompt_len=0)
+    assert all(r["decode_hit_rate"] == 1.0 for r in res["rows"])  # 16 experts per layer = all of them
