@@ -265,7 +265,8 @@ def simulate(trace, *, caches: list[int], policies: list[str], scope: str = "lay
              costs: dict[str, CostModel] | None = None) -> dict:
     """Every policy at every cache size (experts per layer; a global cache holds cache * L). The first
     fit_fraction of sequences profiles static pinning, fits the affinity prefetcher and picks the experts every
-    cache starts with; all numbers come from the remaining sequences. -> {"meta": ..., "rows": [...]}."""
+    cache starts with; all numbers come from the remaining sequences. Belady is added whenever an eviction
+    policy is asked for (its ratio column needs it). -> {"meta": ..., "rows": [...]}."""
     n_routed = int(trace.meta.get("n_routed_experts", trace.n_experts))
     seqs = np.unique(trace.seq_ids_N)
     n_fit = round(fit_fraction * len(seqs))
@@ -287,6 +288,8 @@ def simulate(trace, *, caches: list[int], policies: list[str], scope: str = "lay
         e = fit_idx[l].reshape(-1)
         counts_LE[l] = np.bincount(e[(e >= 0) & (e < n_routed)], minlength=n_routed)[:n_routed]
     policies = expand_policies(policies, base, pregate_LNK is not None)
+    if "belady" not in policies and any("+" not in p for p in policies):
+        policies.append("belady")  # the bound every eviction policy is reported against
     if n_fit == 0 and any(p == "static" or "affinity" in p for p in policies):
         raise ValueError("--fit-fraction=0 leaves nothing to profile: static and affinity need a fitting part > 0")
     costs = costs or {"pcie4": CostModel()}

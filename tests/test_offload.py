@@ -267,6 +267,8 @@ def test_cli_simulate_writes_table_json_and_plots(tmp_path, capsys):
     assert [r["cache"] for r in res["rows"]] == [4, 4, 4, 8, 8, 8]
     assert (tmp_path / "o" / "hit_rate.png").stat().st_size > 0 and (tmp_path / "o" / "tokens_s.png").is_file()
     assert res["rows"][0]["nvme_decode_tok_s"] < res["rows"][0]["pcie4_decode_tok_s"]
+    res = simulate(_tiny_trace()[1], caches=[4], policies=["lru"])  # Belady joins for the ratio
+    assert [r["policy"] for r in res["rows"]] == ["lru", "belady"] and res["rows"][0]["decode_vs_belady"] <= 1
 
 
 def test_static_at_full_size_pins_everything_and_others_start_warm():
