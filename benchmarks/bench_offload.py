@@ -33,7 +33,7 @@ def run_trace(name: str, path: str, pregate_out: Path | None, scopes, console) -
     tr = load_trace(path)
     pre = None
     if tr.meta.get("source") == "moelab" and tr.meta.get("run") and pregate_out is not None:
-        from moelab.train import load_model  # moves to moelab.checkpoint in the restructure
+        from moelab.checkpoint import load_model
         model, _ = load_model(tr.meta["run"])
         pre = record_pregate(model, tr)
         save_pregate(pregate_out, pre, path)

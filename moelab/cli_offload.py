@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_pregate(args) -> int:
     from moelab.trace import load_trace
-    from moelab.train import load_model  # moves to moelab.checkpoint in the restructure
+    from moelab.checkpoint import load_model
     tr = load_trace(args.trace)
     run = args.run or tr.meta.get("run")
     if not run:

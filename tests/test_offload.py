@@ -29,7 +29,7 @@ from moelab.offload_policies import (
     Static,
     static_pins,
 )
-from moelab.presets import get_preset
+from moelab.resolver import resolve
 from moelab.trace import trace_moelab, windows
 
 DYNAMIC = ["lru", "lfu", "fifo", "least-stale", "belady"]
@@ -114,7 +114,7 @@ def test_belady_bounds_every_policy_on_random_multilayer_traces(scope):
 
 def _tiny_trace(n_experts=16, top_k=4, seq_len=24, n_seq=8, seed=0):
     torch.manual_seed(seed)
-    cfg = get_preset("tiny", n_experts=n_experts, top_k=top_k)
+    cfg = resolve("tiny", overrides={"moe.n_experts": n_experts, "moe.top_k": top_k}).model
     model = MoELM(cfg.replace(n_layers=3, d_model=32, moe=cfg.moe.replace(d_model=32, d_expert=16), n_heads=2,
                               d_dense=32)).eval()
     rng = np.random.default_rng(seed)
@@ -136,7 +136,7 @@ def _hf_trace():
     rng = np.random.default_rng(0)
     docs = [("a", rng.integers(1, 64, 96).tolist()), ("b", (np.arange(96) % 5 + 1).tolist())]
     domains, wins = windows(docs, 24, 192)
-    from moelab.trace import trace_hf
+    from moelab.hf import trace_hf
     return trace_hf(model, wins, domains, batch_size=4)
 
 
