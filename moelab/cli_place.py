@@ -8,7 +8,7 @@ from moelab.placement import HEURISTICS, Devices, PlacementFile
 from moelab.placement_ilp import IlpOptions
 from moelab.placement_metrics import Network, PolicyRow, compare
 
-ALL = [*HEURISTICS, "ilp-load", "ilp-traffic"]
+ALL = [*HEURISTICS, "affinity", "ilp-load", "ilp-traffic"]
 
 
 def register(sub) -> None:
@@ -23,14 +23,14 @@ def register(sub) -> None:
     p.add_argument("--slots", type=int, help="expert slots per device (default ceil(E / devices): no replicas)")
     p.add_argument("--groups", type=int, default=1, help="expert groups for hierarchical EPLB (default 1)")
     p.add_argument("--speed", type=float, nargs="+", help="relative speed of each device (default all 1)")
-    p.add_argument("--method", default="eplb", choices=[*HEURISTICS, "ilp", "all"],
+    p.add_argument("--method", default="eplb", choices=[*HEURISTICS, "affinity", "ilp", "all"],
                    help="policy (default eplb); all = every policy and both ILP objectives, one table + plot")
     p.add_argument("--objective", default="load", choices=["load", "traffic"],
                    help="--method ilp: min max device load (with replicas) or min cross-layer traffic")
     p.add_argument("--time-limit", type=float, default=30.0, help="ILP wall-clock budget in seconds (default 30)")
     p.add_argument("--mip-gap", type=float, default=1e-3, help="ILP relative gap to stop at (default 0.001)")
     p.add_argument("--load-tol", type=float, default=0.05,
-                   help="traffic ILP: max load allowed above the load optimum (default 0.05)")
+                   help="traffic ILP / affinity: max load allowed above the load optimum / greedy (default 0.05)")
     p.add_argument("--fit-fraction", type=float, default=0.5, help="share of sequences to fit on (default 0.5)")
     p.add_argument("--seqs-per-rank", type=int, default=1, help="sequences per rank per EP batch (default 1)")
     p.add_argument("--hidden", type=int, default=2048, help="hidden size for bytes/time estimates (default 2048)")

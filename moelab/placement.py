@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 PLACEMENT_VERSION = 1
-METHODS = ("contiguous", "round_robin", "greedy", "eplb", "ilp")
+METHODS = ("contiguous", "round_robin", "greedy", "eplb", "affinity", "ilp")
 
 
 @dataclass(frozen=True)

@@ -128,12 +128,14 @@ def solve_load_layer(load_E: np.ndarray, dev: Devices, *, max_copies: int = 0, s
     z = m.cols(1, cost=1.0, lo=0.0, hi=np.inf, integer=False)[0]
     u = m.cols(E * C).reshape(E, C)
     c_C = np.arange(1, C + 1)
+    per_copy_EC = (load_E[:, None] / c_C[None, :]) / scale
     w = m.cols(E * C * W, hi=np.broadcast_to(np.minimum(c_C, S)[None, :, None], (E, C, W)).reshape(-1)).reshape(E, C, W)
     for e in range(E):
         m.row(u[e], 1.0, 1.0, 1.0)
         for c in range(C):
             m.row(np.append(w[e, c], u[e, c]), np.append(np.ones(W), -(c + 1.0)), 0.0, 0.0)
-    per_copy_EC = (load_E[:, None] / c_C[None, :]) / scale
+    for e in range(E):  # valid cut: the device holding one copy of e carries at least load_e / c of it
+        m.row(np.append(u[e], z), np.append(per_copy_EC[e], -dev.speeds.max()), -np.inf, 0.0)
     for d in range(W):
         m.row(w[:, :, d].reshape(-1), 1.0, -np.inf, S)
         m.row(np.append(w[:, :, d].reshape(-1), z), np.append(per_copy_EC.reshape(-1), -dev.speeds[d]), -np.inf, 0.0)
@@ -191,6 +193,33 @@ def stay_traffic(ps: list[Placement], trans_PEE: np.ndarray) -> np.ndarray:
                      for l in range(len(ps) - 1)])
 
 
+def affinity_greedy(loads_LE: np.ndarray, trans_PEE: np.ndarray, dev: Devices,
+                    cap_L: np.ndarray | None = None) -> list[Placement]:
+    """Greedy for objective (2), one copy each: layer 0 by LPT; then each layer's experts, heaviest first, go to
+    the device where most of their incoming rows already are (rows T[i, j] from layer l's expert i on that
+    device), among devices with a free slot and load within cap_L[l] * speed (else the least-loaded free device).
+    In the spirit of ExFlow's affinity placement (arXiv 2401.08383 sec. 4), not its solver."""
+    L, E = loads_LE.shape
+    W, S, speed = dev.world_size, dev.slots, dev.speeds
+    dev.check(E)
+    cap_L = np.full(L, np.inf) if cap_L is None else np.asarray(cap_L, dtype=np.float64)
+    out = [greedy(loads_LE[:1], dev)[0]]
+    for l in range(1, L):
+        prev = np.asarray(out[-1].rank_E)
+        gain_EW = np.stack([trans_PEE[l - 1][prev == d].sum(0) for d in range(W)], axis=1)  # rows staying on d
+        load_W, used_W, rank_E = np.zeros(W), np.zeros(W, dtype=int), [0] * E
+        for j in np.argsort(-loads_LE[l], kind="stable"):
+            free = used_W < S
+            fits = free & (load_W + loads_LE[l, j] <= cap_L[l] * speed + 1e-9)
+            if fits.any():
+                d = int(np.argmax(np.where(fits, gain_EW[j] - 1e-9 * load_W, -np.inf)))
+            else:
+                d = int(np.argmin(np.where(free, (load_W + loads_LE[l, j]) / speed, np.inf)))
+            rank_E[j], load_W[d], used_W[d] = d, load_W[d] + loads_LE[l, j], used_W[d] + 1
+        out.append(Placement(tuple(rank_E), W, slots=S))
+    return out
+
+
 def solve_traffic(loads_LE: np.ndarray, trans_PEE: np.ndarray, dev: Devices, opts: IlpOptions = IlpOptions()
                   ) -> tuple[list[Placement], dict]:
     """Objective (2): x[l,e,d] binary (one copy each), y[l,i,j] >= x[l,i,d] - x[l+1,j,d] for all d, minimise
@@ -219,6 +248,10 @@ def solve_traffic(loads_LE: np.ndarray, trans_PEE: np.ndarray, dev: Devices, opt
         for k in range(len(ii)):
             for d in range(W):  # y - x[l,i,d] + x[l+1,j,d] >= 0
                 m.row([y[k], x[l, ii[k], d], x[l + 1, jj[k], d]], [1.0, -1.0, 1.0], 0.0, np.inf)
+    greedy2 = affinity_greedy(loads_LE, trans_PEE, dev, cap_L)
+    if all(max_load(p, loads_LE[l], dev) <= cap_L[l] + 1e-9 for l, p in enumerate(greedy2)) and \
+            stay_traffic(greedy2, trans_PEE).sum() < stay_traffic(first, trans_PEE).sum():
+        first = greedy2  # the better feasible start
     x0 = np.zeros(m.n)
     rank_LE = np.array([p.rank_E for p in first])
     for l in range(L):
@@ -245,9 +278,14 @@ def fit(method: str, loads_LE: np.ndarray, trans_PEE: np.ndarray, dev: Devices,
         t0 = time.perf_counter()
         ps = HEURISTICS[method](loads_LE, dev)
         return ps, {"seconds": time.perf_counter() - t0}
+    if method == "affinity":  # objective (2) greedy under objective (1)'s single-copy load, loosened by tolerance
+        t0 = time.perf_counter()
+        cap_L = (1 + opts.load_tolerance) * np.array([max_load(p, loads_LE[l], dev)
+                                                      for l, p in enumerate(greedy(loads_LE, dev))])
+        return affinity_greedy(loads_LE, trans_PEE, dev, cap_L), {"seconds": time.perf_counter() - t0}
     if method == "ilp":
         opts.check()
         if opts.objective == "load":
             return solve_load(loads_LE, dev, opts)
         return solve_traffic(loads_LE, trans_PEE, dev, opts)
-    raise ValueError(f"method={method!r} is invalid: allowed {', '.join([*HEURISTICS, 'ilp'])}")
+    raise ValueError(f"method={method!r} is invalid: allowed {', '.join([*HEURISTICS, 'affinity', 'ilp'])}")

@@ -8,7 +8,7 @@ import pytest
 
 from moelab.placement import (Devices, Placement, PlacementFile, contiguous, eplb, eplb_maps, greedy,
                               load_placement_file, round_robin)
-from moelab.placement_ilp import IlpOptions, max_load, solve_load, solve_load_layer, solve_traffic, stay_traffic
+from moelab.placement_ilp import IlpOptions, affinity_greedy, max_load, solve_load, solve_load_layer, solve_traffic, stay_traffic
 from moelab.placement_metrics import (Network, a2a_seconds, home_ranks, migration_bytes, replica_device, score,
                                       split_tokens, transitions)
 from moelab.trace import Trace
@@ -173,9 +173,12 @@ def test_ilp_never_worse_than_heuristics_and_respects_capacity(seed):
     trans = rng.integers(0, 5, (L - 1, E, E)).astype(float)
     tr, tinfo = solve_traffic(loads_LE, trans, dev, IlpOptions(objective="traffic", time_limit_s=1.5, load_tolerance=0.5))
     assert stay_traffic(tr, trans).sum() <= tinfo["start_objective"] + 1e-6
+    aff = affinity_greedy(loads_LE, trans, dev, np.array(tinfo["load_cap_L"]))
+    if all(max_load(p, loads_LE[l], dev) <= tinfo["load_cap_L"][l] + 1e-9 for l, p in enumerate(aff)):
+        assert stay_traffic(tr, trans).sum() <= stay_traffic(aff, trans).sum() + 1e-6
     for l in range(L):
         assert max_load(tr[l], loads_LE[l], dev) <= tinfo["load_cap_L"][l] + 1e-6
-    for ps in (ilp, tr, greedy(loads_LE, dev), eplb(loads_LE, dev), round_robin(loads_LE, dev)):
+    for ps in (ilp, tr, aff, greedy(loads_LE, dev), eplb(loads_LE, dev), round_robin(loads_LE, dev)):
         for p in ps:
             assert max(p.n_local()) <= S and (p.logcnt >= 1).all() and p.slots == S
 
@@ -256,7 +259,7 @@ def test_cli_all_writes_files_and_json_round_trips(tmp_path, capsys):
                               "--time-limit", "1", "--out", str(tmp_path / "p.json")])
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    for m in ("contiguous", "round_robin", "greedy", "eplb", "ilp-load", "ilp-traffic"):
+    for m in ("contiguous", "round_robin", "greedy", "eplb", "affinity", "ilp-load", "ilp-traffic"):
         assert m in out and (tmp_path / f"p.{m}.json").is_file()
     assert (tmp_path / "p.png").stat().st_size > 0
     f = load_placement_file(tmp_path / "p.eplb.json")
