@@ -74,13 +74,15 @@ class Placement:
 
     @classmethod
     def from_map(cls, mapping, *, n_experts: int, world_size: int) -> Placement:
-        """From a sequence (rank per expert) or a dict {expert: rank}; every expert must be placed.
-        A Placement is returned as it is (replicas kept) after checking its size."""
-        if isinstance(mapping, Placement):
+        """From a sequence (rank per expert), a dict {expert: rank} or a Placement; every expert must be placed.
+        A replicated Placement is returned as it is after checking its size."""
+        if isinstance(mapping, Placement) and mapping.replicated:
             if mapping.n_experts != n_experts or mapping.world_size != world_size:
                 raise ValueError(f"placement covers {mapping.n_experts} experts on {mapping.world_size} ranks: "
                                  f"allowed n_experts={n_experts}, world_size={world_size}")
             return mapping
+        if isinstance(mapping, Placement):  # single copy: re-read its ranks, as the original EP code did
+            mapping = mapping.rank_E
         if isinstance(mapping, dict):
             missing = sorted(set(range(n_experts)) - set(mapping))
             extra = sorted(set(mapping) - set(range(n_experts)))
