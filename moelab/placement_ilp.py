@@ -27,7 +27,7 @@ class IlpOptions:
     time_limit_s: float = 30.0     # wall-clock budget of the whole fit (split evenly over the MIPs it solves)
     mip_rel_gap: float = 1e-3      # stop when (incumbent - bound) / incumbent <= this
     load_tolerance: float = 0.05   # (2): each layer's max load may exceed its (1) single-copy optimum by this
-    max_copies: int = 0            # (1): copies per expert allowed; 0 = all redundant slots + 1
+    max_copies: int = 0            # (1): copies per expert allowed; 0 = max(devices, EPLB's), at most spare slots + 1
     threads: int = 1               # HiGHS threads
 
     def check(self) -> IlpOptions:
@@ -108,9 +108,7 @@ class _Model:
 
 # ---------------------------------------------------------------------------- (1) min max device load
 def _copies_cap(dev: Devices, E: int, max_copies: int, start: Placement | None) -> int:
-    C = dev.world_size * dev.slots - E + 1
-    if max_copies:
-        C = min(C, max_copies)
+    C = min(dev.world_size * dev.slots - E + 1, max_copies or dev.world_size)
     return max(C, int(start.logcnt.max()) if start is not None else 1)
 
 
@@ -118,7 +116,8 @@ def solve_load_layer(load_E: np.ndarray, dev: Devices, *, max_copies: int = 0, s
                      time_limit_s: float = 10.0, gap: float = 1e-3, threads: int = 1) -> tuple[Placement, MipResult]:
     """Objective (1) for one layer: min z s.t. sum_{e,c} load_e / c * w[e,c,d] <= speed_d * z,
     sum_{e,c} w[e,c,d] <= S, sum_d w[e,c,d] = c * u[e,c], sum_c u[e,c] = 1 (u binary: expert e has c copies;
-    w integer: copies of e on device d). MoETuner (arXiv 2502.06643) sec. 3.1 load term, with EPLB's replicas."""
+    w integer: copies of e on device d). MoETuner (arXiv 2502.06643) sec. 3.1 load term, with EPLB's replicas.
+    Copies per expert c <= max_copies (0: max(W, the start's most copies)); optimum and bound are over that set."""
     E, W, S = len(load_E), dev.world_size, dev.slots
     dev.check(E)
     C = _copies_cap(dev, E, max_copies, start)
@@ -171,10 +170,12 @@ def solve_load(loads_LE: np.ndarray, dev: Devices, opts: IlpOptions = IlpOptions
     dev.check(E)
     starts = [greedy(loads_LE, dev)] + ([] if single_copy else [eplb(loads_LE, dev)])
     out, info = [], {"objective_L": [], "bound_L": [], "gap_L": [], "status_L": [], "seconds": 0.0}
-    for l in range(L):
+    t0 = time.perf_counter()
+    for l in range(L):  # each layer gets an equal share of what is left, so quick layers give time to later ones
         best = min((s[l] for s in starts), key=lambda p: max_load(p, loads_LE[l], dev))
         p, r = solve_load_layer(loads_LE[l], dev, max_copies=1 if single_copy else opts.max_copies, start=best,
-                                time_limit_s=opts.time_limit_s / L, gap=opts.mip_rel_gap, threads=opts.threads)
+                                time_limit_s=max(opts.time_limit_s - (time.perf_counter() - t0), 0.1) / (L - l),
+                                gap=opts.mip_rel_gap, threads=opts.threads)
         out.append(p)
         for k, v in (("objective_L", r.objective), ("bound_L", r.bound), ("gap_L", r.gap), ("status_L", r.status)):
             info[k].append(v)

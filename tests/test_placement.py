@@ -133,7 +133,7 @@ def test_load_ilp_equals_brute_force(S, speeds):
     dev = Devices(2, S, speed_W=speeds)
     for _ in range(2):  # 2 layers x 4 experts x 2 devices
         load_E = rng.integers(1, 50, 4).astype(float) * np.array([5.0, 1, 1, 1])
-        p, r = solve_load_layer(load_E, dev, time_limit_s=20, gap=0.0)
+        p, r = solve_load_layer(load_E, dev, max_copies=S, time_limit_s=20, gap=0.0)  # every copy count
         want = _brute_load(load_E, 2, S, np.array(speeds))
         assert r.objective == pytest.approx(want, rel=1e-6)
         assert max_load(p, load_E, dev) == pytest.approx(want, rel=1e-6)
