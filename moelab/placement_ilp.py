@@ -193,17 +193,19 @@ def stay_traffic(ps: list[Placement], trans_PEE: np.ndarray) -> np.ndarray:
                      for l in range(len(ps) - 1)])
 
 
-def affinity_greedy(loads_LE: np.ndarray, trans_PEE: np.ndarray, dev: Devices,
-                    cap_L: np.ndarray | None = None) -> list[Placement]:
+def affinity_greedy(loads_LE: np.ndarray, trans_PEE: np.ndarray, dev: Devices, cap_L: np.ndarray | None = None,
+                    fallback: list[Placement] | None = None) -> list[Placement]:
     """Greedy for objective (2), one copy each: layer 0 by LPT; then each layer's experts, heaviest first, go to
     the device where most of their incoming rows already are (rows T[i, j] from layer l's expert i on that
     device), among devices with a free slot and load within cap_L[l] * speed (else the least-loaded free device).
-    In the spirit of ExFlow's affinity placement (arXiv 2401.08383 sec. 4), not its solver."""
+    In the spirit of ExFlow's affinity placement (arXiv 2401.08383 sec. 4), not its solver. With `fallback`
+    (placements within the caps), layer 0 is fallback[0] and a layer that breaks its cap is replaced by fallback[l],
+    so the result is within the caps (a feasible MIP start)."""
     L, E = loads_LE.shape
     W, S, speed = dev.world_size, dev.slots, dev.speeds
     dev.check(E)
     cap_L = np.full(L, np.inf) if cap_L is None else np.asarray(cap_L, dtype=np.float64)
-    out = [greedy(loads_LE[:1], dev)[0]]
+    out = [fallback[0] if fallback else greedy(loads_LE[:1], dev)[0]]
     for l in range(1, L):
         prev = np.asarray(out[-1].rank_E)
         gain_EW = np.stack([trans_PEE[l - 1][prev == d].sum(0) for d in range(W)], axis=1)  # rows staying on d
@@ -216,7 +218,8 @@ def affinity_greedy(loads_LE: np.ndarray, trans_PEE: np.ndarray, dev: Devices,
             else:
                 d = int(np.argmin(np.where(free, (load_W + loads_LE[l, j]) / speed, np.inf)))
             rank_E[j], load_W[d], used_W[d] = d, load_W[d] + loads_LE[l, j], used_W[d] + 1
-        out.append(Placement(tuple(rank_E), W, slots=S))
+        p = Placement(tuple(rank_E), W, slots=S)
+        out.append(fallback[l] if fallback and max_load(p, loads_LE[l], dev) > cap_L[l] + 1e-9 else p)
     return out
 
 
@@ -248,10 +251,9 @@ def solve_traffic(loads_LE: np.ndarray, trans_PEE: np.ndarray, dev: Devices, opt
         for k in range(len(ii)):
             for d in range(W):  # y - x[l,i,d] + x[l+1,j,d] >= 0
                 m.row([y[k], x[l, ii[k], d], x[l + 1, jj[k], d]], [1.0, -1.0, 1.0], 0.0, np.inf)
-    greedy2 = affinity_greedy(loads_LE, trans_PEE, dev, cap_L)
-    if all(max_load(p, loads_LE[l], dev) <= cap_L[l] + 1e-9 for l, p in enumerate(greedy2)) and \
-            stay_traffic(greedy2, trans_PEE).sum() < stay_traffic(first, trans_PEE).sum():
-        first = greedy2  # the better feasible start
+    greedy2 = affinity_greedy(loads_LE, trans_PEE, dev, cap_L, fallback=first)  # within the caps
+    if stay_traffic(greedy2, trans_PEE).sum() < stay_traffic(first, trans_PEE).sum():
+        first = greedy2  # the better start
     x0 = np.zeros(m.n)
     rank_LE = np.array([p.rank_E for p in first])
     for l in range(L):
