@@ -54,7 +54,7 @@ class _Model:
 
     def __init__(self):
         self.cost, self.lo, self.hi, self.integer = [], [], [], []
-        self.rows: list[tuple[np.ndarray, np.ndarray, float, float]] = []
+        self.blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # (idx_RK, val_RK, lo_R, hi_R)
         self.n = 0
 
     def cols(self, n: int, *, cost=0.0, lo=0.0, hi=1.0, integer=True) -> np.ndarray:
@@ -66,22 +66,29 @@ class _Model:
         return idx
 
     def row(self, idx, val, lo=-np.inf, hi=np.inf) -> None:
-        self.rows.append((np.asarray(idx, dtype=np.int32), np.broadcast_to(np.asarray(val, np.float64), np.shape(idx)),
-                          lo, hi))
+        self.rows(np.asarray(idx)[None, :], np.asarray(val, np.float64)[None], lo, hi)
+
+    def rows(self, idx_RK: np.ndarray, val_RK, lo=-np.inf, hi=np.inf) -> None:
+        """R rows of K entries each (same lo / hi)."""
+        R = idx_RK.shape[0]
+        self.blocks.append((np.asarray(idx_RK, dtype=np.int32), np.broadcast_to(np.asarray(val_RK, np.float64),
+                            idx_RK.shape), np.full(R, lo, dtype=np.float64), np.full(R, hi, dtype=np.float64)))
 
     def solve(self, *, time_limit_s: float, gap: float, threads: int, start: np.ndarray | None) -> MipResult:
         h = highspy.Highs()
         h.silent()
         lp = highspy.HighsLp()
-        lp.num_col_, lp.num_row_ = self.n, len(self.rows)
+        n_row = sum(b[0].shape[0] for b in self.blocks)
+        lp.num_col_, lp.num_row_ = self.n, n_row
         lp.col_cost_, lp.col_lower_, lp.col_upper_ = (np.concatenate(v) for v in (self.cost, self.lo, self.hi))
-        lp.row_lower_ = np.array([r[2] for r in self.rows], dtype=np.float64)
-        lp.row_upper_ = np.array([r[3] for r in self.rows], dtype=np.float64)
+        lp.row_lower_ = np.concatenate([b[2] for b in self.blocks])
+        lp.row_upper_ = np.concatenate([b[3] for b in self.blocks])
         lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
-        lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = self.n, len(self.rows)
-        lp.a_matrix_.start_ = np.concatenate([[0], np.cumsum([len(r[0]) for r in self.rows])]).astype(np.int32)
-        lp.a_matrix_.index_ = np.concatenate([r[0] for r in self.rows]).astype(np.int32)
-        lp.a_matrix_.value_ = np.concatenate([r[1] for r in self.rows]).astype(np.float64)
+        lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = self.n, n_row
+        widths = np.concatenate([np.full(b[0].shape[0], b[0].shape[1]) for b in self.blocks])
+        lp.a_matrix_.start_ = np.concatenate([[0], np.cumsum(widths)]).astype(np.int32)
+        lp.a_matrix_.index_ = np.concatenate([b[0].reshape(-1) for b in self.blocks]).astype(np.int32)
+        lp.a_matrix_.value_ = np.concatenate([b[1].reshape(-1) for b in self.blocks]).astype(np.float64)
         integer = np.concatenate(self.integer)
         lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous for i in integer]
         h.passModel(lp)
@@ -127,7 +134,15 @@ def solve_load_layer(load_E: np.ndarray, dev: Devices, *, max_copies: int = 0, s
     u = m.cols(E * C).reshape(E, C)
     c_C = np.arange(1, C + 1)
     per_copy_EC = (load_E[:, None] / c_C[None, :]) / scale
-    w = m.cols(E * C * W, hi=np.broadcast_to(np.minimum(c_C, S)[None, :, None], (E, C, W)).reshape(-1)).reshape(E, C, W)
+    hi_ECW = np.broadcast_to(np.minimum(c_C, S)[None, :, None], (E, C, W)).astype(np.float64)
+    order_E = np.argsort(-load_E, kind="stable")
+    identical = bool(np.all(dev.speeds == dev.speeds[0]))
+    if identical and C == 1:  # symmetry: relabel devices by first use, heaviest first -> k-th heaviest on 0..k
+        for k, e in enumerate(order_E[:W]):
+            hi_ECW[e, :, k + 1:] = 0.0
+    w = m.cols(E * C * W, hi=hi_ECW.reshape(-1)).reshape(E, C, W)
+    if identical:  # the heaviest expert has a copy on device 0 (any placement can be relabelled so)
+        m.row(w[order_E[0], :, 0], 1.0, 1.0, np.inf)
     for e in range(E):
         m.row(u[e], 1.0, 1.0, 1.0)
         for c in range(C):
@@ -141,6 +156,9 @@ def solve_load_layer(load_E: np.ndarray, dev: Devices, *, max_copies: int = 0, s
     if start is not None:
         x0 = np.zeros(m.n)
         cnt, cwe = start.logcnt, start.count_WE()
+        if identical:  # relabel the start's devices in order of first use, heaviest expert first
+            seen = list(dict.fromkeys(int(d) for e in order_E for d in np.nonzero(cwe[:, e])[0]))
+            cwe = cwe[seen + [d for d in range(W) if d not in seen]]
         x0[u[np.arange(E), cnt - 1]] = 1.0
         for e in range(E):
             x0[w[e, cnt[e] - 1]] = cwe[:, e]
@@ -231,6 +249,7 @@ def solve_traffic(loads_LE: np.ndarray, trans_PEE: np.ndarray, dev: Devices, opt
     L, E = loads_LE.shape
     W, S = dev.world_size, dev.slots
     dev.check(E)
+    t0 = time.perf_counter()
     t_first = opts.time_limit_s * 0.2
     first, info1 = solve_load(loads_LE, dev, IlpOptions(time_limit_s=t_first, mip_rel_gap=opts.mip_rel_gap,
                                                         threads=opts.threads), single_copy=True)
@@ -248,9 +267,8 @@ def solve_traffic(loads_LE: np.ndarray, trans_PEE: np.ndarray, dev: Devices, opt
         ii, jj = np.nonzero(trans_PEE[l] > 0)
         y = m.cols(len(ii), cost=trans_PEE[l][ii, jj], integer=False)
         pairs.append((l, ii, jj, y))
-        for k in range(len(ii)):
-            for d in range(W):  # y - x[l,i,d] + x[l+1,j,d] >= 0
-                m.row([y[k], x[l, ii[k], d], x[l + 1, jj[k], d]], [1.0, -1.0, 1.0], 0.0, np.inf)
+        idx = np.stack(np.broadcast_arrays(y[:, None], x[l, ii], x[l + 1, jj]), -1).reshape(-1, 3)
+        m.rows(idx, np.array([1.0, -1.0, 1.0]), 0.0, np.inf)  # y - x[l,i,d] + x[l+1,j,d] >= 0 for every d
     greedy2 = affinity_greedy(loads_LE, trans_PEE, dev, cap_L, fallback=first)  # within the caps
     if stay_traffic(greedy2, trans_PEE).sum() < stay_traffic(first, trans_PEE).sum():
         first = greedy2  # the better start
@@ -260,14 +278,14 @@ def solve_traffic(loads_LE: np.ndarray, trans_PEE: np.ndarray, dev: Devices, opt
         x0[x[l, np.arange(E), rank_LE[l]]] = 1.0
     for l, ii, jj, y in pairs:
         x0[y] = (rank_LE[l][ii] != rank_LE[l + 1][jj]).astype(float)
-    res = m.solve(time_limit_s=max(opts.time_limit_s - info1["seconds"], 1.0), gap=opts.mip_rel_gap,
+    res = m.solve(time_limit_s=max(opts.time_limit_s - (time.perf_counter() - t0), 1.0), gap=opts.mip_rel_gap,
                   threads=opts.threads, start=x0)
     rank = np.rint(res.x[x]).argmax(-1)
     out = [Placement(tuple(int(r) for r in rank[l]), W, slots=S) for l in range(L)]
     obj = float(stay_traffic(out, trans_PEE).sum())  # y need not be tight at a time-out incumbent
     gap = max(0.0, (obj - res.bound) / max(obj, 1e-12))
     info = {"objective": obj, "bound": res.bound, "gap": gap, "status": res.status,
-            "timed_out": res.status != "Optimal", "seconds": res.seconds + info1["seconds"],
+            "timed_out": res.status != "Optimal", "seconds": time.perf_counter() - t0,
             "start_objective": float(stay_traffic(first, trans_PEE).sum()), "load_cap_L": cap_L.tolist(),
             "load_gap": info1["gap"]}
     return out, info
