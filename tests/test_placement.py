@@ -280,3 +280,19 @@ def test_placement_file_round_trip(tmp_path):
     PlacementFile(ps, dev, "ilp", {"trace": "x.npz"}).save(tmp_path / "p.json")
     f = load_placement_file(tmp_path / "p.json")
     assert f.placements == ps and f.devices == dev and f.info == {"trace": "x.npz"}
+
+
+def test_affinity_greedy_with_fallback_stays_within_caps_and_follows_affinity():
+    rng = np.random.default_rng(3)
+    L, E, W, S = 3, 8, 2, 4
+    loads_LE = rng.integers(10, 20, (L, E)).astype(float)
+    dev = Devices(W, S)
+    base = greedy(loads_LE, dev)
+    caps = np.array([max_load(p, loads_LE[l], dev) for l, p in enumerate(base)])
+    out = affinity_greedy(loads_LE, np.zeros((L - 1, E, E)), dev, caps, fallback=base)
+    assert all(max_load(p, loads_LE[l], dev) <= caps[l] + 1e-9 for l, p in enumerate(out))
+    # with a strong i -> i affinity and no load cap, each expert follows its predecessor's device
+    trans = np.stack([np.eye(E) * 100] * (L - 1))
+    free = affinity_greedy(np.ones((L, E)), trans, dev)
+    assert free[1].rank_E == free[0].rank_E == free[2].rank_E
+    assert stay_traffic(free, trans).sum() == 0
