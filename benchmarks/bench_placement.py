@@ -25,7 +25,14 @@ import numpy as np
 
 from moelab.cli_place import format_table, plot_policies
 from moelab.placement import Devices, eplb, greedy
-from moelab.placement_ilp import IlpOptions, affinity_greedy, max_load, solve_load, solve_traffic, stay_traffic
+from moelab.placement_ilp import (
+    IlpOptions,
+    affinity_greedy,
+    max_load,
+    solve_load,
+    solve_traffic,
+    stay_traffic,
+)
 from moelab.placement_metrics import Network, PolicyRow, compare
 from moelab.trace import load_trace
 
@@ -56,7 +63,7 @@ def bench_synthetic(quick: bool) -> dict:
     for S in (8, 10):
         dev = Devices(8, S)
         t0 = time.perf_counter()
-        ps, info = solve_load(loads, dev, IlpOptions(time_limit_s=30.0, mip_rel_gap=0.01))
+        _, info = solve_load(loads, dev, IlpOptions(time_limit_s=30.0, mip_rel_gap=0.01))
         wall = time.perf_counter() - t0
         bound = np.array(info["bound_L"])
         row = {"slots": S, "wall_s": wall, "max_gap": info["gap"],
@@ -154,14 +161,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="shorter ILP budgets (smoke run)")
     args = ap.parse_args()
     load0 = os.getloadavg()
-    res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+    res = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
            "machine": f"{platform.machine()} {os.cpu_count()} cpus", "loadavg_start": load0,
            "network": Network().__dict__, "row_bytes": 2 * 2048, "highs_threads": 1}
     res["synthetic"] = bench_synthetic(args.quick)
     traces = [(OLMOE64, "olmoe64")]
     try:
         traces.append((make_hf_trace(), "hf-qwen3moe64"))
-    except Exception as e:  # transformers missing or broken: report, keep the other numbers
+    except (ImportError, OSError, ValueError) as e:  # no transformers / tokenizers: keep the other numbers
         print(f"skipping the HF trace: {e}")
     res["traces"] = [row for p, n in traces if p.is_file() for row in bench_trace(p, n, args.quick)]
     res["loadavg_end"] = os.getloadavg()

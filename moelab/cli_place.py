@@ -81,8 +81,8 @@ def format_table(rows: list[PolicyRow], dev: Devices) -> str:
     lb = load_bound(rows)
     head = (f"{'method':<12} {'balanced':>8} {'max/mean':>8} {'off-home/tok':>12} {'stay-x/tok*':>11} "
             f"{'KB/tok':>7} {'a2a us/L':>9} {'load/LB':>8} {'traffic':>10} {'solve s':>8} {'gap':>7}")
-    lines = [f"placement on {dev.world_size} devices x {dev.slots} slots ({dev.nodes} node(s)); fitted on one part "
-             f"of the trace, scored on the other ({rows[0].scores.n_tokens} tokens)", head, "-" * len(head)]
+    lines = [(f"placement on {dev.world_size} devices x {dev.slots} slots ({dev.nodes} node(s)); fitted on one part "
+              f"of the trace, scored on the other ({rows[0].scores.n_tokens} tokens)"), head, "-" * len(head)]
     for r in rows:
         s, n = r.scores, max(r.scores.n_tokens, 1)
         gap = r.info.get("gap")

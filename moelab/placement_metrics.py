@@ -28,7 +28,7 @@ def split_tokens(trace: Trace, fit_fraction: float = 0.5) -> tuple[np.ndarray, n
     order = trace.seq_ids_N[np.sort(first)]
     if len(order) < 2:
         raise ValueError("trace has one sequence: fitting on one part and scoring on another needs >= 2")
-    n_fit = min(max(int(round(len(order) * fit_fraction)), 1), len(order) - 1)
+    n_fit = min(max(round(len(order) * fit_fraction), 1), len(order) - 1)
     fit_mask = np.isin(trace.seq_ids_N, order[:n_fit])
     return np.nonzero(fit_mask)[0], np.nonzero(~fit_mask)[0]
 
@@ -43,7 +43,7 @@ def transitions(idx_LNK: np.ndarray, n_experts: int) -> np.ndarray:
     """(P, E, E) T[l, i, j] = sum over tokens of [i among its layer-l experts][j among its layer-l+1 experts] / K:
     the rows a token-stays dispatch moves from i to j if the token sits at one of its K layer-l experts
     uniformly (ExFlow, arXiv 2401.08383 sec. 3 affinity counts, normalised to rows)."""
-    L, N, K = idx_LNK.shape
+    L, _, K = idx_LNK.shape
     E = n_experts
     out = np.zeros((max(L - 1, 0), E, E))
     for l in range(L - 1):
@@ -73,7 +73,7 @@ def home_ranks(seq_ids_N: np.ndarray, world_size: int, seqs_per_rank: int = 1) -
 
 def replica_device(p: Placement, idx_NK: np.ndarray, home_N: np.ndarray, local_N: np.ndarray) -> np.ndarray:
     """Device serving each row (-1 for empty slots): copy (local * K + k + home) % logcnt[e] of expert e."""
-    N, K = idx_NK.shape
+    K = idx_NK.shape[1]
     log2phy, cnt = p.log2phy, p.logcnt
     e = np.where(idx_NK >= 0, idx_NK, 0).astype(np.int64)
     copy = (local_N[:, None] * K + np.arange(K)[None, :] + home_N[:, None]) % cnt[e]
@@ -167,8 +167,9 @@ class PolicyRow:
 
 
 def compare(trace: Trace, dev: Devices, methods: list[str], *, fit_fraction: float = 0.5, row_bytes: int | None = None,
-            net: Network = Network(), opts: IlpOptions = IlpOptions(), seqs_per_rank: int = 1) -> list[PolicyRow]:
+            net: Network = Network(), opts: IlpOptions | None = None, seqs_per_rank: int = 1) -> list[PolicyRow]:
     """Fit every method on the first part of the trace, score it on the rest (loads drift)."""
+    opts = opts or IlpOptions()
     dev.check(trace.n_experts)
     fit_N, score_N = split_tokens(trace, fit_fraction)
     idx = trace.expert_idx_LNK.astype(np.int64)

@@ -6,11 +6,36 @@ import json
 import numpy as np
 import pytest
 
-from moelab.placement import (Devices, Placement, PlacementFile, contiguous, eplb, eplb_maps, greedy,
-                              load_placement_file, round_robin)
-from moelab.placement_ilp import IlpOptions, affinity_greedy, max_load, solve_load, solve_load_layer, solve_traffic, stay_traffic
-from moelab.placement_metrics import (Network, a2a_seconds, home_ranks, migration_bytes, replica_device, score,
-                                      split_tokens, transitions)
+from moelab.placement import (
+    Devices,
+    Placement,
+    PlacementFile,
+    contiguous,
+    eplb,
+    eplb_maps,
+    greedy,
+    load_placement_file,
+    round_robin,
+)
+from moelab.placement_ilp import (
+    IlpOptions,
+    affinity_greedy,
+    max_load,
+    solve_load,
+    solve_load_layer,
+    solve_traffic,
+    stay_traffic,
+)
+from moelab.placement_metrics import (
+    Network,
+    a2a_seconds,
+    home_ranks,
+    migration_bytes,
+    replica_device,
+    score,
+    split_tokens,
+    transitions,
+)
 from moelab.trace import Trace
 
 
