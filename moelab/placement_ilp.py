@@ -241,6 +241,43 @@ def affinity_greedy(loads_LE: np.ndarray, trans_PEE: np.ndarray, dev: Devices, c
     return out
 
 
+def swap_search(ps: list[Placement], loads_LE: np.ndarray, trans_PEE: np.ndarray, dev: Devices, cap_L: np.ndarray,
+                max_rounds: int = 20) -> list[Placement]:
+    """Local search for objective (2) on single-copy placements: repeatedly apply, layer by layer, the swap of two
+    experts on different devices that keeps most rows on their device (rows from layer l-1 and to layer l+1),
+    among swaps that keep both devices within cap_L[l] * speed; stops when no swap helps. Never worse than `ps`."""
+    L, E = loads_LE.shape
+    W, speed = dev.world_size, dev.speeds
+    rank_LE = np.array([p.rank_E for p in ps])
+    for _ in range(max_rounds):
+        improved = False
+        for l in range(L):
+            stay_ED = np.zeros((E, W))  # rows of expert e that stay on device d given the neighbouring layers
+            for d in range(W):
+                if l > 0:
+                    stay_ED[:, d] += trans_PEE[l - 1][rank_LE[l - 1] == d].sum(0)
+                if l < L - 1:
+                    stay_ED[:, d] += trans_PEE[l][:, rank_LE[l + 1] == d].sum(1)
+            for _ in range(E):
+                r = rank_LE[l]
+                load_W = np.bincount(r, weights=loads_LE[l], minlength=W)
+                own = stay_ED[np.arange(E), r]
+                gain = stay_ED[:, r].T + stay_ED[:, r] - own[:, None] - own[None, :]  # gain[a, b]: swap a <-> b
+                la = loads_LE[l]
+                ok = ((load_W[r][:, None] - la[:, None] + la[None, :] <= cap_L[l] * speed[r][:, None] + 1e-9)
+                      & (load_W[r][None, :] - la[None, :] + la[:, None] <= cap_L[l] * speed[r][None, :] + 1e-9)
+                      & (r[:, None] != r[None, :]))
+                gain = np.where(ok, gain, 0.0)
+                a, b = np.unravel_index(int(np.argmax(gain)), gain.shape)
+                if gain[a, b] <= 1e-9:
+                    break
+                rank_LE[l, a], rank_LE[l, b] = r[b], r[a]
+                improved = True
+        if not improved:
+            break
+    return [Placement(tuple(int(x) for x in rank_LE[l]), W, slots=dev.slots) for l in range(L)]
+
+
 def solve_traffic(loads_LE: np.ndarray, trans_PEE: np.ndarray, dev: Devices, opts: IlpOptions = IlpOptions()
                   ) -> tuple[list[Placement], dict]:
     """Objective (2): x[l,e,d] binary (one copy each), y[l,i,j] >= x[l,i,d] - x[l+1,j,d] for all d, minimise
@@ -272,6 +309,7 @@ def solve_traffic(loads_LE: np.ndarray, trans_PEE: np.ndarray, dev: Devices, opt
     greedy2 = affinity_greedy(loads_LE, trans_PEE, dev, cap_L, fallback=first)  # within the caps
     if stay_traffic(greedy2, trans_PEE).sum() < stay_traffic(first, trans_PEE).sum():
         first = greedy2  # the better start
+    first = swap_search(first, loads_LE, trans_PEE, dev, cap_L)
     x0 = np.zeros(m.n)
     rank_LE = np.array([p.rank_E for p in first])
     for l in range(L):
@@ -300,9 +338,11 @@ def fit(method: str, loads_LE: np.ndarray, trans_PEE: np.ndarray, dev: Devices,
         return ps, {"seconds": time.perf_counter() - t0}
     if method == "affinity":  # objective (2) greedy under objective (1)'s single-copy load, loosened by tolerance
         t0 = time.perf_counter()
-        cap_L = (1 + opts.load_tolerance) * np.array([max_load(p, loads_LE[l], dev)
-                                                      for l, p in enumerate(greedy(loads_LE, dev))])
-        return affinity_greedy(loads_LE, trans_PEE, dev, cap_L), {"seconds": time.perf_counter() - t0}
+        base = greedy(loads_LE, dev)
+        cap_L = (1 + opts.load_tolerance) * np.array([max_load(p, loads_LE[l], dev) for l, p in enumerate(base)])
+        ps = swap_search(affinity_greedy(loads_LE, trans_PEE, dev, cap_L, fallback=base), loads_LE, trans_PEE, dev,
+                         cap_L)
+        return ps, {"seconds": time.perf_counter() - t0}
     if method == "ilp":
         opts.check()
         if opts.objective == "load":

@@ -25,6 +25,7 @@ from moelab.placement_ilp import (
     solve_load_layer,
     solve_traffic,
     stay_traffic,
+    swap_search,
 )
 from moelab.placement_metrics import (
     Network,
@@ -321,3 +322,28 @@ def test_affinity_greedy_with_fallback_stays_within_caps_and_follows_affinity():
     free = affinity_greedy(np.ones((L, E)), trans, dev)
     assert free[1].rank_E == free[0].rank_E == free[2].rank_E
     assert stay_traffic(free, trans).sum() == 0
+
+
+def test_swap_search_improves_within_caps_and_matches_brute_force_on_one_layer():
+    rng = np.random.default_rng(4)
+    L, E, W, S = 2, 6, 2, 3
+    loads_LE = rng.integers(10, 20, (L, E)).astype(float)
+    trans = rng.integers(0, 9, (L - 1, E, E)).astype(float)
+    dev = Devices(W, S)
+    base = contiguous(loads_LE, dev)
+    caps = np.array([max_load(p, loads_LE[l], dev) for l, p in enumerate(base)]) * 1.2
+    out = swap_search(base, loads_LE, trans, dev, caps)
+    assert stay_traffic(out, trans).sum() <= stay_traffic(base, trans).sum()
+    assert all(max_load(p, loads_LE[l], dev) <= caps[l] + 1e-9 for l, p in enumerate(out))
+    assert [p.n_local() for p in out] == [[3, 3]] * L
+    # a swap local optimum: no single swap in any layer that keeps the caps lowers the traffic further
+    for l in range(L):
+        for a, b in itertools.combinations(range(E), 2):
+            r = list(out[l].rank_E)
+            if r[a] == r[b]:
+                continue
+            r[a], r[b] = r[b], r[a]
+            q = Placement(tuple(r), W, slots=S)
+            if max_load(q, loads_LE[l], dev) <= caps[l] + 1e-9:
+                alt = [q if k == l else out[k] for k in range(L)]
+                assert stay_traffic(alt, trans).sum() >= stay_traffic(out, trans).sum() - 1e-9
