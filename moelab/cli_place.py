@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moelab.placement import HEURISTICS, Devices, PlacementFile
+import numpy as np
+
+from moelab.placement import HEURISTICS, Devices, PlacementFile, contiguous, load_placement_file
 from moelab.placement_ilp import IlpOptions
-from moelab.placement_metrics import Network, PolicyRow, compare
+from moelab.placement_metrics import Network, PolicyRow, compare, migration_bytes
 
 ALL = [*HEURISTICS, "affinity", "ilp-load", "ilp-traffic"]
 
@@ -35,6 +37,10 @@ def register(sub) -> None:
     p.add_argument("--seqs-per-rank", type=int, default=1, help="sequences per rank per EP batch (default 1)")
     p.add_argument("--hidden", type=int, default=2048, help="hidden size for bytes/time estimates (default 2048)")
     p.add_argument("--row-bytes", type=int, default=2, help="bytes per hidden value (default 2: bf16)")
+    p.add_argument("--expert-ffn", type=int, default=1024,
+                   help="expert hidden size F for migration bytes (3 * hidden * F values per expert; default 1024)")
+    p.add_argument("--current", metavar="JSON", help="placement now in use: migration is counted from it "
+                   "(default: the contiguous layout)")
     p.add_argument("--out", default="placement.json", help="output JSON (--method all: one per method + .png)")
     p.set_defaults(func=cli_place)
 
@@ -54,12 +60,24 @@ def cli_place(args: argparse.Namespace) -> int:
                  compare(trace, dev, ["ilp" if m.startswith("ilp-") else m], fit_fraction=args.fit_fraction,
                          row_bytes=args.hidden * args.row_bytes, net=Network(), opts=o,
                          seqs_per_rank=args.seqs_per_rank)]
-    print(format_table(rows, dev))
+    current = None
+    if args.current:
+        cur = load_placement_file(args.current)
+        if cur.devices.world_size != W or len(cur.placements) != trace.n_layers or cur.placements[0].n_experts != E:
+            raise ValueError(f"--current {args.current!r} is for {cur.devices.world_size} devices, "
+                             f"{len(cur.placements)} layers, {cur.placements[0].n_experts} experts: allowed "
+                             f"{W}, {trace.n_layers}, {E} (this trace and --devices)")
+        current = list(cur.placements)
+    old = current or contiguous(np.zeros((trace.n_layers, E)), dev)
+    expert_bytes = 3 * args.hidden * args.expert_ffn * args.row_bytes
+    moved = {r.method: float(migration_bytes(old, r.placements, expert_bytes).sum()) for r in rows}
+    print(format_table(rows, dev, moved))
     out = Path(args.out)
     for r in rows:
         path = out if len(rows) == 1 else out.with_name(f"{out.stem}.{r.method}{out.suffix or '.json'}")
         info = {"trace": str(Path(args.trace).resolve()), "fit_fraction": args.fit_fraction,
-                "fit_max_load": r.fit_max_load, "fit_traffic": r.fit_traffic,
+                "fit_max_load": r.fit_max_load, "fit_traffic": r.fit_traffic, "migration_bytes": moved[r.method],
+                "migration_from": args.current or "contiguous",
                 **{k: v for k, v in r.info.items() if isinstance(v, (int, float, str, bool, list))}}
         PlacementFile(tuple(r.placements), dev, r.method, info).save(path)
         print(path)
@@ -76,11 +94,11 @@ def load_bound(rows: list[PolicyRow]) -> float | None:
     return None
 
 
-def format_table(rows: list[PolicyRow], dev: Devices) -> str:
+def format_table(rows: list[PolicyRow], dev: Devices, moved: dict[str, float] | None = None) -> str:
     """One line per policy: held-out metrics, then fit objectives against the ILP's proven bound."""
     lb = load_bound(rows)
     head = (f"{'method':<12} {'balanced':>8} {'max/mean':>8} {'off-home/tok':>12} {'stay-x/tok*':>11} "
-            f"{'KB/tok':>7} {'a2a us/L':>9} {'load/LB':>8} {'traffic':>10} {'solve s':>8} {'gap':>7}")
+            f"{'KB/tok':>7} {'a2a us/L':>9} {'load/LB':>8} {'traffic':>10} {'move MiB':>8} {'solve s':>8} {'gap':>7}")
     lines = [(f"placement on {dev.world_size} devices x {dev.slots} slots ({dev.nodes} node(s)); fitted on one part "
               f"of the trace, scored on the other ({rows[0].scores.n_tokens} tokens)"), head, "-" * len(head)]
     for r in rows:
@@ -89,12 +107,14 @@ def format_table(rows: list[PolicyRow], dev: Devices) -> str:
         lines.append(f"{r.method:<12} {s.balancedness_L.mean():>8.3f} {s.max_over_mean_L.mean():>8.3f} "
                      f"{s.off_home_L.sum() / n:>12.2f} {s.stay_cross_P.sum() / n:>11.2f} "
                      f"{s.bytes_per_token / 1024:>7.1f} {s.a2a_s_L.mean() * 1e6:>9.1f} "
-                     f"{(r.fit_max_load / lb if lb else float('nan')):>8.4f} {r.fit_traffic:>10.0f} "
+                     f"{(f'{r.fit_max_load / lb:.4f}' if lb else '-'):>8} {r.fit_traffic:>10.0f} "
+                     f"{(moved or {}).get(r.method, float('nan')) / 2**20:>8.1f} "
                      f"{r.info.get('seconds', 0.0):>8.2f} {('-' if gap is None else f'{gap:.2%}'):>7}"
                      + ("  (time limit: incumbent)" if r.info.get("timed_out") else ""))
     lines.append("balanced/max/mean/off-home/a2a: held-out tokens, layer mean; stay-x* = MODELLED rows a token-stays "
                  "dispatch moves between consecutive layers; load/LB = fitted max load over the load ILP's proven "
-                 "lower bound; traffic = modelled cross-layer rows on the fit part")
+                 "lower bound; traffic = modelled cross-layer rows on the fit part; move = expert weights copied "
+                 "to switch from the current placement (--current, default contiguous)")
     return "\n".join(lines)
 
 

@@ -293,6 +293,11 @@ def test_cli_all_writes_files_and_json_round_trips(tmp_path, capsys):
     assert f.placements == tuple(eplb(np.stack([np.bincount(tr_l[tr_l >= 0], minlength=8) for tr_l in
                                                 _trace().expert_idx_LNK[:, :128].reshape(3, -1)]).astype(float),
                                        f.devices))
+    assert f.info["migration_from"] == "contiguous" and f.info["migration_bytes"] > 0
+    args = parser.parse_args(["place", str(path), "--devices", "4", "--slots", "3", "--method", "eplb",
+                              "--current", str(tmp_path / "p.eplb.json"), "--out", str(tmp_path / "again.json")])
+    assert args.func(args) == 0  # refitting on the same trace moves nothing
+    assert load_placement_file(tmp_path / "again.json").info["migration_bytes"] == 0
     doc = json.loads((tmp_path / "p.eplb.json").read_text())
     doc["version"] = 99
     (tmp_path / "bad.json").write_text(json.dumps(doc))
