@@ -39,8 +39,8 @@ def base_config(preset: str, overrides: dict):
     from moelab.train import TrainConfig
     model_ch, moe_ch, train_ch = _split(overrides)
     cfg = get_preset(preset)
-    cfg = cfg.replace(**model_ch) if model_ch else cfg
-    cfg = cfg.replace(moe=cfg.moe.replace(**moe_ch)) if moe_ch else cfg
+    if model_ch or moe_ch:  # together: d_model lives in both
+        cfg = cfg.replace(**model_ch, moe=cfg.moe.replace(**moe_ch))
     return cfg, TrainConfig(**train_ch)
 
 

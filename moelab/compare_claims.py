@@ -21,7 +21,7 @@ class Rel:
 
 
 @dataclass(frozen=True)
-class Test:
+class Check:
     """One verdict: `arm` vs `baseline` on `metric`, read by compare_stats.verdict."""
     paper: str                 # what the paper claims, one line
     arm: str                   # arm under test
@@ -39,7 +39,7 @@ class Claim:
     source: str                           # paper(s) with arXiv ids and the number quoted
     matching: str                         # how arms are matched (params, experts/token, FLOPs) and stated choices
     arms: dict[str, dict]                 # arm name -> dotted overrides
-    tests: tuple[Test, ...]               # verdict lines
+    tests: tuple[Check, ...]               # verdict lines
     metrics: tuple[str, ...] = ("val_loss", "max_vio_batch", "max_vio_global", "dead_experts")  # table columns
     base: dict = field(default_factory=dict)   # overrides shared by every arm of the claim
     target_arm: str | None = None         # steps_to_target: smoothed train loss reaching this arm's final level
@@ -72,11 +72,11 @@ CLAIMS: dict[str, Claim] = {
               "seq_aux": {"moe.balance": "seq"}, "global_lbl": {"moe.balance": "global", **ACCUM},
               "loss_free": {"moe.balance": "loss_free"},
               "loss_free_softmax": {"moe.balance": "loss_free", "moe.router": "topk"}},
-        tests=(Test("loss-free balances better than the aux loss (MaxVio_global 0.04 vs 0.72)", "loss_free",
+        tests=(Check("loss-free balances better than the aux loss (MaxVio_global 0.04 vs 0.72)", "loss_free",
                     "switch_aux", "max_vio_global"),
-               Test("loss-free reaches lower loss than the aux loss (ppl 9.50 vs 9.56)", "loss_free",
+               Check("loss-free reaches lower loss than the aux loss (ppl 9.50 vs 9.56)", "loss_free",
                     "switch_aux", "val_loss"),
-               Test("any balancing beats none on MaxVio_global", "switch_aux", "none", "max_vio_global"))),
+               Check("any balancing beats none on MaxVio_global", "switch_aux", "none", "max_vio_global"))),
     "global_batch": Claim(
         title="Global-batch load-balancing loss beats the micro-batch one",
         source="Qiu et al. 2025, arXiv 2501.11873: global-batch LBL lowers perplexity and raises domain "
@@ -88,8 +88,8 @@ CLAIMS: dict[str, Claim] = {
         base={**TOPK, **ACCUM},
         arms={"micro_lbl": {"moe.balance": "aux"}, "global_lbl": {"moe.balance": "global"}},
         metrics=("val_loss", "specialization", "max_vio_batch", "max_vio_global"),
-        tests=(Test("global-batch LBL lowers the loss", "global_lbl", "micro_lbl", "val_loss"),
-               Test("global-batch LBL raises domain specialization", "global_lbl", "micro_lbl", "specialization",
+        tests=(Check("global-batch LBL lowers the loss", "global_lbl", "micro_lbl", "val_loss"),
+               Check("global-batch LBL raises domain specialization", "global_lbl", "micro_lbl", "specialization",
                     lower_is_better=False))),
     "expert_choice": Claim(
         title="Expert choice converges > 2x faster than top-k (Zhou); no better than dropless top-k (OLMoE)",
@@ -104,11 +104,11 @@ CLAIMS: dict[str, Claim] = {
         arms={"topk": {}, "expert_choice": {"moe.router": "expert_choice", "moe.balance": "none"}},
         metrics=("val_loss", "val_loss_native", "steps_to_target", "experts_per_token", "max_vio_batch"),
         target_arm="topk",
-        tests=(Test("expert choice reaches top-k's loss > 2x faster (Zhou)", "expert_choice", "topk",
+        tests=(Check("expert choice reaches top-k's loss > 2x faster (Zhou)", "expert_choice", "topk",
                     "steps_to_target", kind="ratio_at_least", margin=2.0),
-               Test("expert choice is no better than dropless top-k (OLMoE), causal fallback", "expert_choice",
+               Check("expert choice is no better than dropless top-k (OLMoE), causal fallback", "expert_choice",
                     "topk", "val_loss", kind="not_better", margin=MARGIN),
-               Test("expert choice is no better than dropless top-k (OLMoE), expert-choice eval", "expert_choice",
+               Check("expert choice is no better than dropless top-k (OLMoE), expert-choice eval", "expert_choice",
                     "topk", "val_loss_native", kind="not_better", margin=MARGIN))),
     "top_p": Claim(
         title="Top-p routing activates fewer experts than top-2 at equal or better loss",
@@ -119,8 +119,8 @@ CLAIMS: dict[str, Claim] = {
         arms={"top2": {}, "top_p": {"moe.router": "top_p", "moe.top_p": 0.4}},
         metrics=("val_loss", "experts_per_token", "max_vio_global"),
         by_domain="experts_per_token",
-        tests=(Test("top-p activates fewer experts per token", "top_p", "top2", "experts_per_token"),
-               Test("top-p has equal or better loss", "top_p", "top2", "val_loss", kind="noninferior",
+        tests=(Check("top-p activates fewer experts per token", "top_p", "top2", "experts_per_token"),
+               Check("top-p has equal or better loss", "top_p", "top2", "val_loss", kind="noninferior",
                     margin=MARGIN))),
     "null_experts": Claim(
         title="Null / zero-computation experts cut FLOPs at equal or better loss",
@@ -135,11 +135,11 @@ CLAIMS: dict[str, Claim] = {
               "moepp": {"moe.router": "moepp", "moe.n_zero": 1, "moe.n_copy": 1, "moe.n_const": 2,
                         "moe.gating_residual": True}},
         metrics=("val_loss", "expert_mflops", "experts_per_token", "max_vio_global"),
-        tests=(Test("AdaMoE uses fewer expert FLOPs", "adamoe", "top2", "expert_mflops"),
-               Test("AdaMoE has equal or better loss", "adamoe", "top2", "val_loss", kind="noninferior",
+        tests=(Check("AdaMoE uses fewer expert FLOPs", "adamoe", "top2", "expert_mflops"),
+               Check("AdaMoE has equal or better loss", "adamoe", "top2", "val_loss", kind="noninferior",
                     margin=MARGIN),
-               Test("MoE++ uses fewer expert FLOPs", "moepp", "top2", "expert_mflops"),
-               Test("MoE++ has equal or better loss", "moepp", "top2", "val_loss", kind="noninferior",
+               Check("MoE++ uses fewer expert FLOPs", "moepp", "top2", "expert_mflops"),
+               Check("MoE++ has equal or better loss", "moepp", "top2", "val_loss", kind="noninferior",
                     margin=MARGIN))),
     "relu": Claim(
         title="ReLU routing (ReMoE) beats top-k at matched active experts",
@@ -149,7 +149,7 @@ CLAIMS: dict[str, Claim] = {
         base=TOPK,
         arms={"topk": {}, "relu": {"moe.router": "relu"}},
         metrics=("val_loss", "experts_per_token", "max_vio_global", "dead_experts"),
-        tests=(Test("ReLU routing reaches lower loss than top-k", "relu", "topk", "val_loss"),)),
+        tests=(Check("ReLU routing reaches lower loss than top-k", "relu", "topk", "val_loss"),)),
     "granularity": Claim(
         title="Fine-grained + shared experts beat coarse experts at equal active parameters",
         source="DeepSeekMoE, arXiv 2401.06066",
@@ -161,8 +161,8 @@ CLAIMS: dict[str, Claim] = {
               "fine_shared": {"moe.n_experts": Rel(4, -1), "moe.top_k": Rel(4, -1), "moe.d_expert": Rel(0.25),
                               "moe.n_shared": 1}},
         metrics=("val_loss", "active_params", "params", "max_vio_global"),
-        tests=(Test("fine-grained + shared beats coarse", "fine_shared", "coarse", "val_loss"),
-               Test("fine-grained beats coarse", "fine", "coarse", "val_loss"))),
+        tests=(Check("fine-grained + shared beats coarse", "fine_shared", "coarse", "val_loss"),
+               Check("fine-grained beats coarse", "fine", "coarse", "val_loss"))),
     "controls": Claim(
         title="Learned routers beat hash and random routing",
         source="Roller et al. 2021, arXiv 2106.04426 (hash layers; random routing as a control)",
@@ -172,6 +172,6 @@ CLAIMS: dict[str, Claim] = {
         arms={"top2": {}, "random2": {"moe.router": "random", "moe.balance": "none"},
               "top1": {"moe.top_k": 1}, "hash1": {"moe.router": "hash", "moe.balance": "none", "moe.top_k": 1}},
         metrics=("val_loss", "max_vio_global", "dead_experts"),
-        tests=(Test("learned top-2 beats random top-2", "top2", "random2", "val_loss"),
-               Test("learned top-1 beats hash top-1", "top1", "hash1", "val_loss"))),
+        tests=(Check("learned top-2 beats random top-2", "top2", "random2", "val_loss"),
+               Check("learned top-1 beats hash top-1", "top1", "hash1", "val_loss"))),
 }
