@@ -34,10 +34,11 @@ def register(sub) -> None:
 def machine_meta(args) -> dict:
     """What the report header states: command, date, machine, torch, load average."""
     import torch
+
     from moelab.compare_claims import DEFAULT_PRESET, DEFAULT_STEPS
     load = os.getloadavg()
     return {"command": "moelab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "",
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
             "torch": torch.__version__, "load average (1/5/15 min)": " / ".join(f"{x:.2f}" for x in load),
             "seeds": args.seeds, "steps": args.steps or DEFAULT_STEPS,

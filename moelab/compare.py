@@ -169,7 +169,7 @@ def resolve_rel(overrides: dict, preset: str) -> dict:
         if isinstance(v, Rel):
             sec, _, name = k.partition(".")
             obj = {"model": model_cfg, "moe": model_cfg.moe, "train": train_cfg}[sec]
-            out[k] = int(round(getattr(obj, name) * v.times)) + v.plus
+            out[k] = round(getattr(obj, name) * v.times) + v.plus
     return out
 
 
@@ -220,7 +220,7 @@ def _run_job(job: Job) -> dict:
     d.mkdir(parents=True)
     try:
         res = run_arm(job.overrides, job.seed, job.steps, job.preset, d)
-    except Exception as e:  # one failed arm must not lose the others; the report shows it
+    except Exception as e:  # noqa: BLE001 -- one failed arm must not lose the others; the report shows it
         res = {"error": f"{type(e).__name__}: {e}"}
     res.update(key=job.key, overrides={k: v for k, v in job.overrides.items()}, seed=job.seed, steps=job.steps,
                preset=job.preset)

@@ -173,8 +173,8 @@ def claim_blocks(name: str, claim: Claim, arms: dict, fig_dir: Path, k: int) -> 
                                   fig_dir / f"{name}_flops.png"))
     b += [("img", f"{fig_dir.name}/{f.name}", f.stem) for f in figs if f is not None]
     secs = sum(r["train_time_s"] for rs in arms.values() for r in rs if r and "trained_in" not in r)
-    b.append(("p", f"Cost: {secs:.0f} CPU-seconds of training in runs first trained for this claim "
-                   f"(runs shared with an earlier claim are counted there)."))
+    b.append(("p", (f"Cost: {secs:.0f} CPU-seconds of training in runs first trained for this claim "
+                   f"(runs shared with an earlier claim are counted there).")))
     return b, summary
 
 
@@ -182,10 +182,10 @@ def build_blocks(data: dict, meta: dict, fig_dir: Path) -> list:
     """The whole report as blocks: ("h1"|"h2"|"p", text), ("table", head, rows), ("img", path, alt)."""
     head: list = [("h1", "moelab compare: MoE claims on one data set, model and budget"),
                   ("p", " · ".join(f"**{k}** {v}" for k, v in meta.items())),
-                  ("p", f"**Rule.** {st.RULE} Non-inferiority margin m = {MARGIN} nats/byte unless a test "
+                  ("p", (f"**Rule.** {st.RULE} Non-inferiority margin m = {MARGIN} nats/byte unless a test "
                         f"states otherwise. MaxVio_batch = max load / mean load - 1 per training step (mean over "
                         f"layers, then over steps); MaxVio_global = the same over all validation tokens; dead "
-                        f"experts = experts with no validation token, summed over layers.")]
+                        f"experts = experts with no validation token, summed over layers."))]
     body, summary = [], []
     for k, (name, arms) in enumerate(data.items(), 1):
         b, s = claim_blocks(name, CLAIMS[name], arms, fig_dir, k)
@@ -218,10 +218,10 @@ def _inline(text: str) -> str:
 
 
 def render_html(blocks: list, title: str) -> str:
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+    out = [(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
            "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
            "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 6px;"
-           "font-size:13px}th{background:#f3f3f3}img{max-width:100%;margin:.3em}</style></head><body>"]
+           "font-size:13px}th{background:#f3f3f3}img{max-width:100%;margin:.3em}</style></head><body>")]
     for blk in blocks:
         kind = blk[0]
         if kind in ("h1", "h2"):

@@ -7,7 +7,8 @@ import statistics
 import numpy as np
 import pytest
 
-from moelab import compare, compare_stats as st
+from moelab import compare
+from moelab import compare_stats as st
 from moelab.compare_claims import CLAIMS, Check, Claim, Rel
 from moelab.compare_report import write_report
 
@@ -88,7 +89,7 @@ def test_plan_dedupes_identical_arms_and_resolves_rel(tmp_path, monkeypatch):
     assert len(jobs) == 3 * 2  # x and same_as_x train once per seed
     shared = [j for j in jobs if len(j.dirs) == 2]
     assert len(shared) == 2 and all(j.dirs[1].endswith(f"t_b/same_as_x/seed{j.seed}") for j in shared)
-    wide = [j for j in jobs if "wide" in j.dirs[0]][0]
+    wide = next(j for j in jobs if "wide" in j.dirs[0])
     assert wide.overrides["moe.d_expert"] == 128 // 4 + 1  # tiny preset: d_expert 128
 
 
@@ -106,7 +107,7 @@ def test_every_claim_is_consistent():
             assert t.arm in c.arms and t.baseline in c.arms, name
             assert t.kind in st.KINDS and t.metric in METRICS, name
         assert all(m in METRICS for m in c.metrics), name
-        for arm, ov in c.arms.items():  # every arm resolves to a valid config
+        for ov in c.arms.values():  # every arm resolves to a valid config
             compare.base_config("tiny", compare.resolve_rel({**c.base, **ov}, "tiny"))
 
 
