@@ -27,7 +27,7 @@ METRICS = {
     "dead_experts": ("dead experts", 1), "specialization": ("specialization (JS bits)", 4),
     "experts_per_token": ("experts / token", 3), "expert_mflops": ("expert MFLOPs / token", 4),
     "steps_to_target": ("steps to target", 0), "params": ("params", 0), "active_params": ("active params", 0),
-    "train_time_s": ("train s", 0),
+    "train_time_s": ("train wall s (1 thread)", 0),
 }
 
 
@@ -173,8 +173,8 @@ def claim_blocks(name: str, claim: Claim, arms: dict, fig_dir: Path, k: int) -> 
                                   fig_dir / f"{name}_flops.png"))
     b += [("img", f"{fig_dir.name}/{f.name}", f.stem) for f in figs if f is not None]
     secs = sum(r["train_time_s"] for rs in arms.values() for r in rs if r and "trained_in" not in r)
-    b.append(("p", (f"Cost: {secs:.0f} CPU-seconds of training in runs first trained for this claim "
-                   f"(runs shared with an earlier claim are counted there).")))
+    b.append(("p", (f"Cost: {secs:.0f} s of single-thread training (wall time, summed over the runs first trained "
+                   f"for this claim; runs shared with an earlier claim are counted there).")))
     return b, summary
 
 
