@@ -168,10 +168,11 @@ CLAIMS: dict[str, Claim] = {
         title="Learned routers beat hash and random routing",
         source="Roller et al. 2021, arXiv 2106.04426 (hash layers; random routing as a control)",
         matching="Random routing at top-2 vs learned top-2; hash routing is top-1, so it faces a learned top-1 "
-                 "(equal active parameters). Controls have no balance loss (the gate does not route).",
+                 "(equal active parameters); learned top-1 keeps the raw softmax weight as Switch does (renormalising one "
+                 "weight to 1 would cut the router off from the LM gradient). Controls have no balance loss.",
         base=TOPK,
         arms={"top2": {}, "random2": {"moe.router": "random", "moe.balance": "none"},
-              "top1": {"moe.top_k": 1}, "hash1": {"moe.router": "hash", "moe.balance": "none", "moe.top_k": 1}},
+              "top1": {"moe.top_k": 1, "moe.renormalize": False}, "hash1": {"moe.router": "hash", "moe.balance": "none", "moe.top_k": 1}},
         metrics=("val_loss", "max_vio_global", "dead_experts"),
         tests=(Check("learned top-2 beats random top-2", "top2", "random2", "val_loss"),
                Check("learned top-1 beats hash top-1", "top1", "hash1", "val_loss"))),
