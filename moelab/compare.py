@@ -34,14 +34,10 @@ def _split(overrides: dict) -> tuple[dict, dict, dict]:
 
 
 def base_config(preset: str, overrides: dict):
-    """(ModelConfig, TrainConfig) of `preset` with concrete dotted overrides applied."""
-    from moelab.presets import get_preset
-    from moelab.train import TrainConfig
-    model_ch, moe_ch, train_ch = _split(overrides)
-    cfg = get_preset(preset)
-    if model_ch or moe_ch:  # together: d_model lives in both
-        cfg = cfg.replace(**model_ch, moe=cfg.moe.replace(**moe_ch))
-    return cfg, TrainConfig(**train_ch)
+    """(ModelConfig, TrainConfig) of `preset` with concrete dotted overrides applied (moelab.resolve)."""
+    from moelab.resolver import resolve
+    _split(overrides)  # compare's own check: every key names a section
+    return tuple(resolve(preset, overrides=overrides))
 
 
 def run_arm(arm_overrides: dict, seed: int, steps: int, preset: str, out: str | Path) -> dict:
@@ -73,10 +69,10 @@ def validation_metrics(model, corpus, train_cfg, ec_eval: str | None = None) -> 
     import numpy as np
     import torch
 
-    from moelab import analysis, balance
+    from moelab import analysis
     from moelab.model import lm_loss
-    from moelab.train import moe_layers
-    layers = moe_layers(model)
+    from moelab.moe import MoELayer
+    layers = [(i, b.ffn) for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoELayer)]
     saved = [m.cfg for _, m in layers]
     if ec_eval is not None:  # expert choice at eval time (MoELayer reads its cfg at every route)
         for _, m in layers:
@@ -98,8 +94,7 @@ def validation_metrics(model, corpus, train_cfg, ec_eval: str | None = None) -> 
                                          valid_BS=b.valid_BS)) * k
                     tokens_D[d] += k
                     for j, (i, _) in enumerate(layers):
-                        counts_LDE[j, d] += balance.expert_counts(expert_idx_TK=out.moe[i].routing.expert_idx_TK,
-                                                                  n_experts=E).numpy()
+                        counts_LDE[j, d] += out.moe[i].counts_E.float().numpy()
                 loss_D[dom] = tot / max(tokens_D[d], 1.0)
     finally:
         model.train(was)

@@ -159,6 +159,8 @@ def test_tiny_run_report_and_resume(tmp_path, tiny_claim):
         assert f"figures/{fig}" in text and f"figures/{fig}" in page.read_text()
     assert page.read_text().count("<table>") == text.count("| arm ") + 2  # + summary and verdict tables
     assert any(v in text for v in ("**reproduced**", "**not reproduced**", "**inconclusive**"))
+    from browser import assert_renders  # the HTML report in a real headless browser (skips without one)
+    assert "tiny_test" in assert_renders(page)
 
     # resume: nothing to train; result files untouched
     stamp = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
