@@ -74,16 +74,29 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    import sys
+    import time
+
     from moelab.checkpoint import load_model
     from moelab.model import BOS_ID, generate
     set_threads(args.threads)
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} is invalid: allowed an integer >= 0")
-    model, _ = load_model(args.run)
-    ids = torch.tensor([BOS_ID] + list(args.prompt.encode("utf-8")))
+    if args.prompt_file is not None:
+        prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+    else:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model, _ = load_model(args.run, args.ckpt)
+    ids = torch.tensor([BOS_ID] + list(prompt.encode("utf-8")))
+    if ids.numel() + args.max_new_tokens > model.cfg.max_seq_len:
+        print(f"note: prompt + new tokens exceed max_seq_len={model.cfg.max_seq_len}; past it the context slides "
+              "(each token re-reads the last max_seq_len tokens)", file=sys.stderr)
+    t0 = time.perf_counter()
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   generator=torch.Generator().manual_seed(args.seed))
-    print(args.prompt + bytes(out.tolist()).decode("utf-8", errors="replace"))
+                   top_p=args.top_p, generator=torch.Generator().manual_seed(args.seed), use_cache=not args.no_cache)
+    dt = time.perf_counter() - t0
+    print(prompt + bytes(out.tolist()).decode("utf-8", errors="replace"))
+    print(f"{out.numel()} tokens in {dt:.2f} s ({out.numel() / max(dt, 1e-9):.1f} tokens/s)", file=sys.stderr)
     return 0
 
 
@@ -136,13 +149,20 @@ def register(sub) -> None:
     _threads_flag(e)
     e.set_defaults(func=_eval)
     g = sub.add_parser("generate", help="sample text from a trained run",
-                       description="Sample bytes after --prompt from RUN's latest checkpoint.")
+                       description="Sample bytes after the prompt from RUN's latest (or --ckpt) checkpoint, "
+                                    "with a KV cache; prints the text, and the speed on stderr.")
     g.add_argument("run", help="run folder written by `moelab train`")
-    g.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
+    g.add_argument("--prompt", default="def ", help="text to continue, '-' = read it from stdin (default 'def ')")
+    g.add_argument("--prompt-file", help="read the prompt from this UTF-8 file (instead of --prompt)")
+    g.add_argument("--ckpt", help="a checkpoint folder (default: the run's latest)")
     g.add_argument("--max-new-tokens", type=int, default=200, help="bytes to sample (default 200)")
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=int, default=20, help="sample among the k most likely bytes (default 20)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling: keep the most likely bytes up to this "
+                   "probability mass (default: off)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--no-cache", action="store_true", help="re-read the whole context every token instead of a "
+                   "KV cache (same tokens, slower)")
     _threads_flag(g)
     g.set_defaults(func=_generate)
     pl = sub.add_parser("plot", help="loss, expert-load, MaxVio and specialization plots of a run",
