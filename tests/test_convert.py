@@ -1,0 +1,166 @@
+"""HF export / import against transformers itself: same keys as save_pretrained, equal logits and greedy
+tokens, bit-exact round trips, sharded files, the byte tokenizer, refusals naming the field."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from moelab.checkpoint import load_model, save_checkpoint
+from moelab.config import ModelConfig, MoEConfig
+from moelab.hf_archs import pick_arch
+from moelab.hf_convert import Source, export_hf, import_hf
+from moelab.model import BOS_ID, MoELM, generate
+from moelab.presets import get_preset
+
+transformers = pytest.importorskip("transformers")
+
+
+def cfg(moe: dict, **kw) -> ModelConfig:
+    m = MoEConfig(**{"d_model": 32, "d_expert": 16, "n_experts": 4, "top_k": 2, **moe})
+    return ModelConfig(**{"moe": m, "d_model": 32, "n_layers": 3, "n_heads": 4, "d_dense": 40, "max_seq_len": 48,
+                          **kw})
+
+
+CASES = {  # arch -> a config using what that architecture can express
+    "mixtral": cfg({"score_order": "topk_softmax"}, n_kv_heads=2, head_dim=12, sliding_window=7,
+                   tie_embeddings=False),
+    "qwen3_moe": cfg({"renormalize": False}, first_dense=1, moe_every=2, qk_norm=True, n_kv_heads=2,
+                     tie_embeddings=True, rope_theta=5e5),
+    "glm4_moe": cfg({"router": "sigmoid_group", "n_experts": 8, "n_group": 4, "topk_group": 2, "top_k": 3,
+                     "n_shared": 2, "routed_scaling_factor": 2.5, "balance": "loss_free"},
+                    first_dense=1, qk_norm=True, qkv_bias=True, rope_fraction=0.5, n_kv_heads=2,
+                    tie_embeddings=False),
+}
+
+
+def random_run(tmp_path, c: ModelConfig, seed: int = 0):
+    """A run folder whose checkpoint holds a model with every tensor random (norm gains, biases, the
+    loss-free bias too), so each mapped tensor matters."""
+    torch.manual_seed(seed)
+    model = MoELM(c)
+    with torch.no_grad():
+        for k, t in model.state_dict().items():
+            if t.is_floating_point() and "load_E" not in k:
+                t.copy_(torch.randn_like(t) * (0.2 if t.ndim > 1 else 1.0))
+    run = tmp_path / "run"
+    save_checkpoint(run, 1, model=model, opt=torch.optim.SGD(model.parameters(), lr=0.1), extra={},
+                    meta={"model_config": c.to_dict()}, keep_last=1)
+    return run, model.eval()
+
+
+def tensors(path) -> dict[str, torch.Tensor]:
+    from contextlib import ExitStack
+    with ExitStack() as st:
+        src = Source(path, st)
+        return {k: src.get(k) for k in src.keys()}
+
+
+@pytest.mark.parametrize("arch", sorted(CASES))
+def test_export_loads_in_transformers_with_equal_logits_keys_and_greedy_tokens(tmp_path, arch):
+    c = CASES[arch]
+    run, model = random_run(tmp_path, c)
+    assert export_hf(run, tmp_path / "hf", arch=arch, verbose=False).name == arch
+    hm = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert type(hm).__name__ == pick_arch(c, arch).model_class
+    ids = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits_BSV, hm(ids).logits
+    assert (ours - theirs).abs().max() < 1e-5
+    # the files hold exactly what transformers' own save_pretrained writes for this model
+    hm.save_pretrained(str(tmp_path / "resaved"))
+    mine, ref = tensors(tmp_path / "hf"), tensors(tmp_path / "resaved")
+    assert sorted(mine) == sorted(ref)
+    assert all(torch.equal(mine[k], ref[k]) for k in ref)
+    conf = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("hf", "resaved")]
+    assert conf[0] == conf[1]
+    # greedy generation: same tokens (the generation config suppresses PAD/BOS/EOS)
+    prompt = torch.tensor([BOS_ID, 100, 101, 102])
+    want = generate(model, prompt, max_new_tokens=12, temperature=0)
+    got = hm.generate(prompt[None], max_new_tokens=12, do_sample=False)[0, 4:]
+    assert torch.equal(got, want)
+
+
+def test_auto_arch_preference_and_refusals_name_the_field(tmp_path):
+    assert pick_arch(get_preset("tiny")).name == "mixtral"  # the demo model exports
+    assert pick_arch(get_preset("mixtral-like")).name == "mixtral"
+    assert pick_arch(get_preset("deepseek-v3-like")).name == "glm4_moe"
+    assert pick_arch(CASES["qwen3_moe"]).name == "qwen3_moe"
+    with pytest.raises(ValueError, match="cannot express qk_norm=True"):
+        pick_arch(cfg({}, qk_norm=True), "mixtral")
+    with pytest.raises(ValueError, match="moe.router='sigmoid_group'"):
+        pick_arch(CASES["glm4_moe"], "qwen3_moe")
+    with pytest.raises(ValueError, match="moe.n_zero=1"):
+        pick_arch(cfg({"n_zero": 1}), "mixtral")
+    with pytest.raises(ValueError, match="moe.capacity_factor"):
+        pick_arch(cfg({"capacity_factor": 1.0}))
+    with pytest.raises(ValueError, match="sliding_window"):
+        pick_arch(CASES["glm4_moe"].replace(sliding_window=4), "glm4_moe")
+    with pytest.raises(ValueError, match="--arch='llama' is unknown"):
+        pick_arch(CASES["mixtral"], "llama")
+
+
+def test_byte_tokenizer_and_generation_config(tmp_path):
+    run, _ = random_run(tmp_path, CASES["mixtral"])
+    export_hf(run, tmp_path / "hf", verbose=False)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    text = "def f(x):\n\treturn 'héllo €' + x  "
+    ids = tok(text).input_ids
+    assert ids == [BOS_ID] + list(text.encode("utf-8"))
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert gen["suppress_tokens"] == [256, 257, 258] and gen["bos_token_id"] == BOS_ID
+
+
+def test_sharded_export_index_and_load(tmp_path):
+    run, model = random_run(tmp_path, CASES["glm4_moe"])
+    export_hf(run, tmp_path / "hf", max_shard_bytes=20_000, verbose=False)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    for s in shards:  # every shard is at most the limit unless it holds a single larger tensor
+        with safe_open(str(tmp_path / "hf" / s), "pt") as f:
+            keys = list(f.keys())
+            size = sum(f.get_tensor(k).numel() * 4 for k in keys)
+        assert size <= 20_000 or len(keys) == 1
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in tensors(tmp_path / "hf").values())
+    hm = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert (model(ids).logits_BSV - hm(ids).logits).abs().max() < 1e-5
+
+
+def hf_random(arch: str, tmp_path, **kw):
+    """A tiny random transformers model of `arch`, saved with its own save_pretrained."""
+    common = dict(vocab_size=300, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2)
+    extra = {"mixtral": dict(intermediate_size=24, num_local_experts=4),
+             "qwen3_moe": dict(intermediate_size=40, moe_intermediate_size=16, num_experts=4, mlp_only_layers=[0],
+                               norm_topk_prob=True),
+             "glm4_moe": dict(intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8, n_group=2,
+                              topk_group=1, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=1.5,
+                              use_qk_norm=True, attention_bias=True)}[arch]
+    hf_cfg = transformers.AutoConfig.for_model(arch, **common, **extra, **kw)
+    torch.manual_seed(1)
+    hm = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    with torch.no_grad():
+        for name, t in list(hm.named_parameters()) + list(hm.named_buffers()):
+            if t.is_floating_point() and "inv_freq" not in name:  # rotary tables stay the config's
+                t.copy_(torch.randn_like(t) * 0.2)
+    hm.save_pretrained(str(tmp_path / f"src_{arch}"))
+    return hm, tmp_path / f"src_{arch}"
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "glm4_moe"])
+def test_import_runs_and_round_trips_bit_exact(tmp_path, arch):
+    hm, src = hf_random(arch, tmp_path)
+    import_hf(src, tmp_path / "run", verbose=False)
+    model, meta = load_model(tmp_path / "run")
+    assert meta["step"] == 0 and meta["arch"] == arch
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        assert (model(ids).logits_BSV - hm(ids).logits).abs().max() < 1e-5
+    export_hf(tmp_path / "run", tmp_path / "back", verbose=False)
+    a, b = tensors(src), tensors(tmp_path / "back")
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
