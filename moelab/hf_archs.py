@@ -2,7 +2,8 @@
 and where its weights live in the files transformers' save_pretrained writes. No transformers import here.
 
 One `HFArch` per architecture, in the preference order export uses without --arch (the first that expresses
-the run's config): mixtral (softmax top-k, renormalised, every layer MoE), qwen3_moe (softmax top-k with or
+the run's config): llama and qwen3 (dense models only: every layer a SwiGLU MLP; qwen3 with q/k RMSNorm),
+mixtral (softmax top-k, renormalised, every layer MoE), qwen3_moe (softmax top-k with or
 without renormalising, dense layers anywhere, q/k RMSNorm always on), glm4_moe (DeepSeek-V3 routing on standard
 attention: sigmoid scores, group-limited top-k, routed scaling, shared experts, first dense layers, the
 loss-free bias as e_score_correction_bias, partial RoPE, q/k/v biases, optional q/k norm).
@@ -180,8 +181,36 @@ def _glm_from_hf(hf: dict) -> ModelConfig:
                        qkv_bias=bool(hf.get("attention_bias", False)), rope_fraction=float(frac), **base)
 
 
+# ---- dense: llama, qwen3 (what `moelab upcycle` starts from; dense moelab runs export to them) --------
+def _dense_check(arch: str, cfg: ModelConfig, qk_norm: bool) -> None:
+    _need(not cfg.moe_layer_ids, arch, "first_dense", cfg.first_dense, f"n_layers={cfg.n_layers} (a dense model)")
+    _need(cfg.qk_norm == qk_norm, arch, "qk_norm", cfg.qk_norm, str(qk_norm))
+    _need(not cfg.qkv_bias, arch, "qkv_bias", cfg.qkv_bias, "False (its attention_bias also biases o_proj)")
+    _need(cfg.rope_fraction == 1.0, arch, "rope_fraction", cfg.rope_fraction, "1.0 (RoPE on all head dims)")
+    _need(cfg.sliding_window is None, arch, "sliding_window", cfg.sliding_window, "None")
+
+
+def _dense_to_hf(cfg: ModelConfig) -> dict:
+    out = {k: v for k, v in _common_to_hf(cfg).items() if k not in ("num_experts_per_tok", "router_aux_loss_coef")}
+    return {**out, "intermediate_size": cfg.d_dense, "attention_bias": False}
+
+
+def _dense_from_hf(arch: str, hf: dict, qk_norm: bool) -> ModelConfig:
+    base = _common_from_hf(arch, hf)
+    _need(not hf.get("attention_bias", False), arch, "attention_bias", True, "False (moelab has no o_proj bias)")
+    _need(not hf.get("mlp_bias", False), arch, "mlp_bias", True, "False")
+    _need(hf.get("sliding_window") is None, arch, "sliding_window", hf.get("sliding_window"), "None")
+    F = hf["intermediate_size"]
+    return ModelConfig(moe=MoEConfig(d_model=base["d_model"], d_expert=F), d_dense=F, first_dense=base["n_layers"],
+                       qk_norm=qk_norm, **base)
+
+
 _EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
-ARCHS: dict[str, HFArch] = {a.name: a for a in (  # export's preference order
+ARCHS: dict[str, HFArch] = {a.name: a for a in (  # export's preference order (dense ones take no MoE model)
+    HFArch("llama", "LlamaConfig", "LlamaForCausalLM", "mlp", _EXPERT_LINEARS, None, None,
+           lambda c: _dense_check("llama", c, False), _dense_to_hf, lambda h: _dense_from_hf("llama", h, False)),
+    HFArch("qwen3", "Qwen3Config", "Qwen3ForCausalLM", "mlp", _EXPERT_LINEARS, None, None,
+           lambda c: _dense_check("qwen3", c, True), _dense_to_hf, lambda h: _dense_from_hf("qwen3", h, True)),
     HFArch("mixtral", "MixtralConfig", "MixtralForCausalLM", "block_sparse_moe", ("w1", "w3", "w2"), None, None,
            _mixtral_check, _mixtral_to_hf, _mixtral_from_hf),
     HFArch("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", "mlp", _EXPERT_LINEARS, None, None,

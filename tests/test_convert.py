@@ -23,6 +23,8 @@ def cfg(moe: dict, **kw) -> ModelConfig:
 
 
 CASES = {  # arch -> a config using what that architecture can express
+    "llama": cfg({}, first_dense=3, n_kv_heads=2, tie_embeddings=True),
+    "qwen3": cfg({}, first_dense=3, qk_norm=True, head_dim=16, tie_embeddings=False),
     "mixtral": cfg({"score_order": "topk_softmax"}, n_kv_heads=2, head_dim=12, sliding_window=7,
                    tie_embeddings=False),
     "qwen3_moe": cfg({"renormalize": False}, first_dense=1, moe_every=2, qk_norm=True, n_kv_heads=2,
@@ -83,6 +85,9 @@ def test_export_loads_in_transformers_with_equal_logits_keys_and_greedy_tokens(t
 
 def test_auto_arch_preference_and_refusals_name_the_field(tmp_path):
     assert pick_arch(get_preset("tiny")).name == "mixtral"  # the demo model exports
+    assert pick_arch(CASES["llama"]).name == "llama" and pick_arch(CASES["qwen3"]).name == "qwen3"
+    with pytest.raises(ValueError, match="first_dense=0"):
+        pick_arch(get_preset("tiny"), "llama")
     assert pick_arch(get_preset("mixtral-like")).name == "mixtral"
     assert pick_arch(get_preset("deepseek-v3-like")).name == "glm4_moe"
     assert pick_arch(CASES["qwen3_moe"]).name == "qwen3_moe"
@@ -96,8 +101,8 @@ def test_auto_arch_preference_and_refusals_name_the_field(tmp_path):
         pick_arch(cfg({"capacity_factor": 1.0}))
     with pytest.raises(ValueError, match="sliding_window"):
         pick_arch(CASES["glm4_moe"].replace(sliding_window=4), "glm4_moe")
-    with pytest.raises(ValueError, match="--arch='llama' is unknown"):
-        pick_arch(CASES["mixtral"], "llama")
+    with pytest.raises(ValueError, match="--arch='gpt2' is unknown"):
+        pick_arch(CASES["mixtral"], "gpt2")
 
 
 def test_byte_tokenizer_and_generation_config(tmp_path):
@@ -134,7 +139,8 @@ def hf_random(arch: str, tmp_path, **kw):
     """A tiny random transformers model of `arch`, saved with its own save_pretrained."""
     common = dict(vocab_size=300, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2)
-    extra = {"mixtral": dict(intermediate_size=24, num_local_experts=4),
+    extra = {"llama": dict(intermediate_size=24), "qwen3": dict(intermediate_size=24, head_dim=16),
+             "mixtral": dict(intermediate_size=24, num_local_experts=4),
              "qwen3_moe": dict(intermediate_size=40, moe_intermediate_size=16, num_experts=4, mlp_only_layers=[0],
                                norm_topk_prob=True),
              "glm4_moe": dict(intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8, n_group=2,
@@ -151,7 +157,7 @@ def hf_random(arch: str, tmp_path, **kw):
     return hm, tmp_path / f"src_{arch}"
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "glm4_moe"])
+@pytest.mark.parametrize("arch", sorted(CASES))
 def test_import_runs_and_round_trips_bit_exact(tmp_path, arch):
     hm, src = hf_random(arch, tmp_path)
     import_hf(src, tmp_path / "run", verbose=False)
