@@ -35,19 +35,45 @@ def resume_config(out: Path, overrides: dict) -> RunConfig:
     return new
 
 
+def init_from(model: torch.nn.Module, run: str | Path) -> Path:
+    """--init-from RUN: the weights (and router state) of RUN's latest checkpoint into `model`, before training
+    with a fresh optimizer and schedule; names and shapes must match (else an error naming the tensor)."""
+    from safetensors.torch import load_file
+
+    from moelab.checkpoint import latest
+    path = latest(run)
+    sd, own = load_file(str(path / "model.safetensors")), model.state_dict()
+    for k in sorted(set(own) | set(sd)):
+        if k not in sd or k not in own or sd[k].shape != own[k].shape:
+            got = tuple(sd[k].shape) if k in sd else "missing"
+            want = tuple(own[k].shape) if k in own else "not in this model"
+            raise ValueError(f"--init-from {run}: tensor {k} is {got} there, {want} here (train with the same "
+                             "model config: omit --preset/--config to use the run's)")
+    model.load_state_dict(sd)
+    return path
+
+
 def _train(args: argparse.Namespace) -> int:
+    from moelab.checkpoint import list_checkpoints
     from moelab.train import Trainer, val_table
     overrides = overrides_from_args(args)
     out = Path(args.out)
     if args.resume and (out / "config.json").exists():
         run = resume_config(out, overrides)
+    elif args.init_from and args.preset is None and args.config is None:  # the source run's config
+        run = resolve(file=Path(args.init_from) / "config.json", overrides=overrides)
     else:
         run = resolve(args.preset, args.config, overrides)
     if args.nproc is not None or args.ep is not None or "WORLD_SIZE" in os.environ:  # expert x data parallel
+        if args.init_from:
+            raise ValueError("--init-from is single-process: allowed without --nproc / --ep / torchrun")
         from moelab.ep_train import launch
         return launch(run, out=args.out, resume=args.resume, nproc=args.nproc, ep=args.ep, threads=args.threads)
     set_threads(args.threads)
-    summary = Trainer(run.model, run.train, out).fit(resume=args.resume)
+    trainer = Trainer(run.model, run.train, out)
+    if args.init_from and not (args.resume and list_checkpoints(out)):  # a resumed run keeps its own weights
+        init_from(trainer.model, args.init_from)
+    summary = trainer.fit(resume=args.resume)
     Console().print(val_table(summary))
     Console().print(f"run folder: {out} (metrics.jsonl, summary.json, ckpt/); plots: moelab plot {out}")
     return 0
@@ -133,6 +159,9 @@ def register(sub) -> None:
                                    "full resolved config), metrics.jsonl, summary.json and checkpoints into --out.")
     add_config_flags(t)
     t.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
+    t.add_argument("--init-from", help="start from the weights of this run's latest checkpoint (an imported or "
+                   "upcycled run, or any run) with a fresh optimizer and schedule; without --preset/--config the "
+                   "model and train config are that run's")
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint with its saved "
                    f"config; only {', '.join(RESUME_MAY_CHANGE)} may change")
     _threads_flag(t, "torch's choice; 1 per rank with --nproc")

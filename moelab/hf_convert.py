@@ -346,24 +346,31 @@ def hf_model_config(hf_dir: str | Path) -> tuple[HFArch, ModelConfig]:
     return a, a.from_hf(HFView(hf))
 
 
-def import_hf(hf_dir: str | Path, out: str | Path, *, verbose: bool = True) -> Path:
-    """A transformers folder -> a moelab run `out` (config.json + ckpt/step_00000000, no optimizer state):
-    eval / generate / trace read it, `moelab train --init-from OUT` trains from it. Returns the checkpoint."""
-    a, cfg = hf_model_config(hf_dir)
-    train = TrainConfig(seq_len=min(TrainConfig().seq_len, cfg.max_seq_len))
+def write_run(out: str | Path, cfg: ModelConfig, specs: list[Spec], *, train: TrainConfig | None = None,
+              source: dict, what: str, verbose: bool = True) -> Path:
+    """A moelab run folder at step 0 from tensor specs: config.json (model_config, train_config),
+    source.json (where it came from), ckpt/step_00000000/{model.safetensors, state.json}; no optimizer state."""
+    train = train or TrainConfig(seq_len=min(TrainConfig().seq_len, cfg.max_seq_len))
     out = Path(out)
     ck = out / "ckpt" / "step_00000000"
-    if ck.exists():
-        raise ValueError(f"--out {str(out)!r} already holds a checkpoint: choose another --out")
+    if (out / "ckpt").exists() or (out / "config.json").exists():
+        raise ValueError(f"--out {str(out)!r} already holds a run: choose another --out")
     ck.mkdir(parents=True)
+    bar, tick = _progress(len(specs), what, verbose)
+    with bar:
+        write_safetensors(ck / "model.safetensors", specs, {"format": "pt"}, tick)
+    meta = {"model_config": cfg.to_dict(), "train_config": asdict(train)}
+    (ck / "state.json").write_text(json.dumps({"step": 0, **meta, "source": source}, indent=1))
+    (out / "config.json").write_text(json.dumps(meta, indent=1))
+    (out / "source.json").write_text(json.dumps(source, indent=1))
+    return ck
+
+
+def import_hf(hf_dir: str | Path, out: str | Path, *, verbose: bool = True) -> Path:
+    """A transformers folder -> a moelab run `out` at step 0 (no optimizer state): eval / generate / trace
+    read it, `moelab train --init-from OUT` trains from it. Returns the checkpoint folder."""
+    a, cfg = hf_model_config(hf_dir)
     with ExitStack() as stack:
         src = Source(hf_dir, stack)
-        specs = moelab_specs(cfg, a, src)
-        bar, tick = _progress(len(specs), f"import {a.name}", verbose)
-        with bar:
-            write_safetensors(ck / "model.safetensors", specs, {"format": "pt"}, tick)
-    meta = {"model_config": cfg.to_dict(), "train_config": asdict(train), "imported_from": str(hf_dir),
-            "arch": a.name}
-    (ck / "state.json").write_text(json.dumps({"step": 0, **meta}, indent=1))
-    (out / "config.json").write_text(json.dumps(meta, indent=1))
-    return ck
+        return write_run(out, cfg, moelab_specs(cfg, a, src), source={"imported_from": str(hf_dir), "arch": a.name},
+                         what=f"import {a.name}", verbose=verbose)
