@@ -83,6 +83,17 @@ def test_export_loads_in_transformers_with_equal_logits_keys_and_greedy_tokens(t
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("preset,arch", [("tiny", "mixtral"), ("qwen3-moe-like", "qwen3_moe"),
+                                         ("glm4-moe-like", "glm4_moe"), ("deepseek-v3-like", "glm4_moe")])
+def test_presets_export_to_their_architecture(tmp_path, preset, arch):
+    run, model = random_run(tmp_path, get_preset(preset))
+    assert export_hf(run, tmp_path / "hf", verbose=False).name == arch
+    hm = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    ids = torch.randint(0, 256, (1, 24))
+    with torch.no_grad():
+        assert (model(ids).logits_BSV - hm(ids).logits).abs().max() < 1e-5
+
+
 def test_auto_arch_preference_and_refusals_name_the_field(tmp_path):
     assert pick_arch(get_preset("tiny")).name == "mixtral"  # the demo model exports
     assert pick_arch(CASES["llama"]).name == "llama" and pick_arch(CASES["qwen3"]).name == "qwen3"
