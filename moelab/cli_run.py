@@ -104,7 +104,8 @@ def _generate(args: argparse.Namespace) -> int:
     import time
 
     from moelab.checkpoint import load_model
-    from moelab.model import BOS_ID, generate
+    from moelab.hf_tokenizer import load_tokenizer, prompt_ids
+    from moelab.model import generate
     set_threads(args.threads)
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} is invalid: allowed an integer >= 0")
@@ -113,15 +114,17 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, _ = load_model(args.run, args.ckpt)
-    ids = torch.tensor([BOS_ID] + list(prompt.encode("utf-8")))
+    tok = load_tokenizer(model.cfg.tokenizer, args.run)
+    ids = prompt_ids(tok, prompt)
     if ids.numel() + args.max_new_tokens > model.cfg.max_seq_len:
         print(f"note: prompt + new tokens exceed max_seq_len={model.cfg.max_seq_len}; past it the context slides "
               "(each token re-reads the last max_seq_len tokens)", file=sys.stderr)
     t0 = time.perf_counter()
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, generator=torch.Generator().manual_seed(args.seed), use_cache=not args.no_cache)
+                   top_p=args.top_p, generator=torch.Generator().manual_seed(args.seed), use_cache=not args.no_cache,
+                   suppress_ids=tok.never_sampled(model.cfg.vocab_size))
     dt = time.perf_counter() - t0
-    print(prompt + bytes(out.tolist()).decode("utf-8", errors="replace"))
+    print(prompt + tok.decode(out.tolist()))
     print(f"{out.numel()} tokens in {dt:.2f} s ({out.numel() / max(dt, 1e-9):.1f} tokens/s)", file=sys.stderr)
     return 0
 

@@ -165,6 +165,7 @@ class ModelConfig:
     rope_fraction: float = 1.0     # share of each head's dims RoPE rotates (the first ones; GLM4-MoE: 0.5)
     qkv_bias: bool = False         # biases on the query, key and value projections (Qwen2, GLM4-MoE)
     sliding_window: int | None = None  # a token attends to itself and the window-1 before it; None = all
+    tokenizer: str = "bytes"       # ids: "bytes" (UTF-8 bytes + PAD/BOS/EOS) or a transformers tokenizer folder (relative to the run)
 
     def __post_init__(self) -> None:
         for f in ("d_model", "n_layers", "n_heads", "d_dense", "max_seq_len", "moe_every"):
@@ -184,6 +185,8 @@ class ModelConfig:
         rot = int(self.d_head * self.rope_fraction)
         _need_model(0 < self.rope_fraction <= 1 and rot >= 2 and rot % 2 == 0, "rope_fraction", self.rope_fraction,
                     f"0 < rope_fraction <= 1 with int(head dim {self.d_head} * rope_fraction) even and >= 2")
+        _need_model(isinstance(self.tokenizer, str) and self.tokenizer != "", "tokenizer", self.tokenizer,
+                    "'bytes' or a transformers tokenizer folder")
         _need_model(self.sliding_window is None or (isinstance(self.sliding_window, int) and self.sliding_window >= 1),
                     "sliding_window", self.sliding_window, "None or an integer >= 1")
         _need_model(self.vocab_size >= VOCAB_SIZE, "vocab_size", self.vocab_size, f">= {VOCAB_SIZE}")

@@ -256,7 +256,7 @@ def write_byte_tokenizer(out: Path, vocab_size: int) -> None:
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import PreTrainedTokenizerFast
     alphabet = ByteLevel.alphabet()
-    byte_chars = _bytes_to_unicode()
+    byte_chars = bytes_to_unicode()
     assert set(byte_chars.values()) == set(alphabet)
     vocab = {byte_chars[b]: b for b in range(N_BYTES)}
     specials = {PAD_ID: "<|pad|>", BOS_ID: "<|bos|>", EOS_ID: "<|eos|>"}
@@ -273,7 +273,7 @@ def write_byte_tokenizer(out: Path, vocab_size: int) -> None:
     fast.save_pretrained(str(out))
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable unicode map (Radford et al. 2019, encoder.py)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs, n = bs[:], 0
@@ -286,9 +286,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 # ---- the two directions -----------------------------------------------------------------------------
-def _hf_config(arch: HFArch, cfg: ModelConfig, dtype: torch.dtype):
+def _hf_config(arch: HFArch, cfg: ModelConfig, dtype: torch.dtype, tok):
     import transformers
-    hf = getattr(transformers, arch.config_class)(**arch.to_hf(cfg))
+    kw = {**arch.to_hf(cfg), "pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
+    hf = getattr(transformers, arch.config_class)(**kw)
     hf.architectures = [arch.model_class]
     hf.dtype = dtype
     return hf
@@ -297,13 +298,17 @@ def _hf_config(arch: HFArch, cfg: ModelConfig, dtype: torch.dtype):
 def export_hf(run: str | Path, out: str | Path, *, arch: str | None = None, ckpt: str | Path | None = None,
               max_shard_bytes: int = 2 * 1024 ** 3, verbose: bool = True) -> HFArch:
     """A moelab run's latest (or `ckpt`) checkpoint -> a transformers folder `out` that
-    AutoModelForCausalLM / AutoTokenizer.from_pretrained load without custom code. Returns the architecture."""
+    AutoModelForCausalLM / AutoTokenizer.from_pretrained load without custom code: the run's tokenizer
+    (moelab's bytes as a byte-level tokenizer.json, or its transformers tokenizer folder) and a generation
+    config that never samples what moelab never samples. Returns the architecture."""
     from transformers import GenerationConfig
 
     from moelab.checkpoint import latest, read_state
+    from moelab.hf_tokenizer import BYTES, copy_tokenizer, load_tokenizer
     path = latest(run, ckpt)
     cfg = ModelConfig.from_dict(read_state(path)["model_config"])
     a = pick_arch(cfg, arch)
+    tok = load_tokenizer(cfg.tokenizer, run)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
@@ -313,11 +318,13 @@ def export_hf(run: str | Path, out: str | Path, *, arch: str | None = None, ckpt
         bar, tick = _progress(len(specs), f"export {a.name}", verbose)
         with bar:
             write_sharded(out, specs, max_shard_bytes, tick)
-    _hf_config(a, cfg, dtype).save_pretrained(str(out))
-    suppress = [i for i in range(N_BYTES, cfg.vocab_size)]  # moelab samples bytes only
-    GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-                     suppress_tokens=suppress).save_pretrained(str(out))
-    write_byte_tokenizer(out, cfg.vocab_size)
+    _hf_config(a, cfg, dtype, tok).save_pretrained(str(out))
+    GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                     suppress_tokens=tok.never_sampled(cfg.vocab_size).tolist() or None).save_pretrained(str(out))
+    if cfg.tokenizer == BYTES:
+        write_byte_tokenizer(out, cfg.vocab_size)
+    else:
+        copy_tokenizer(tok.name, out)
     return a
 
 
@@ -347,15 +354,20 @@ def hf_model_config(hf_dir: str | Path) -> tuple[HFArch, ModelConfig]:
 
 
 def write_run(out: str | Path, cfg: ModelConfig, specs: list[Spec], *, train: TrainConfig | None = None,
-              source: dict, what: str, verbose: bool = True) -> Path:
+              source: dict, what: str, tokenizer_from: str | Path | None = None, verbose: bool = True) -> Path:
     """A moelab run folder at step 0 from tensor specs: config.json (model_config, train_config),
-    source.json (where it came from), ckpt/step_00000000/{model.safetensors, state.json}; no optimizer state."""
+    source.json (where it came from), ckpt/step_00000000/{model.safetensors, state.json}, no optimizer state;
+    with `tokenizer_from`, its tokenizer files go to OUT/tokenizer and cfg.tokenizer becomes "tokenizer"."""
+    from moelab.hf_tokenizer import copy_tokenizer
     train = train or TrainConfig(seq_len=min(TrainConfig().seq_len, cfg.max_seq_len))
     out = Path(out)
     ck = out / "ckpt" / "step_00000000"
     if (out / "ckpt").exists() or (out / "config.json").exists():
         raise ValueError(f"--out {str(out)!r} already holds a run: choose another --out")
     ck.mkdir(parents=True)
+    if tokenizer_from is not None:
+        copy_tokenizer(tokenizer_from, out / "tokenizer")
+        cfg = cfg.replace(tokenizer="tokenizer")
     bar, tick = _progress(len(specs), what, verbose)
     with bar:
         write_safetensors(ck / "model.safetensors", specs, {"format": "pt"}, tick)
@@ -368,9 +380,14 @@ def write_run(out: str | Path, cfg: ModelConfig, specs: list[Spec], *, train: Tr
 
 def import_hf(hf_dir: str | Path, out: str | Path, *, verbose: bool = True) -> Path:
     """A transformers folder -> a moelab run `out` at step 0 (no optimizer state): eval / generate / trace
-    read it, `moelab train --init-from OUT` trains from it. Returns the checkpoint folder."""
+    read it, `moelab train --init-from OUT` trains from it. Its tokenizer comes along (OUT/tokenizer), unless
+    it is moelab's byte tokenizer (or there is none: bytes assumed). Returns the checkpoint folder."""
+    from moelab.hf_tokenizer import has_tokenizer, is_byte_tokenizer
     a, cfg = hf_model_config(hf_dir)
+    own = has_tokenizer(hf_dir) and not is_byte_tokenizer(hf_dir)
+    source = {"imported_from": str(hf_dir), "arch": a.name,
+              "tokenizer": "the folder's" if own else "bytes" + ("" if has_tokenizer(hf_dir) else " (none found)")}
     with ExitStack() as stack:
         src = Source(hf_dir, stack)
-        return write_run(out, cfg, moelab_specs(cfg, a, src), source={"imported_from": str(hf_dir), "arch": a.name},
-                         what=f"import {a.name}", verbose=verbose)
+        return write_run(out, cfg, moelab_specs(cfg, a, src), source=source, what=f"import {a.name}",
+                         tokenizer_from=hf_dir if own else None, verbose=verbose)

@@ -136,4 +136,6 @@ def upcycle(source: str | Path, out: str | Path, *, n_experts: int, top_k: int, 
         specs = upcycle_specs(dense, cfg, granularity, src, seed)
         info = {"upcycled_from": str(source), "experts": n_experts, "top_k": top_k, "granularity": granularity,
                 "shared": shared, "first_dense": first_dense, "seed": seed}
-        return write_run(out, cfg, specs, train=train, source=info, what="upcycle", verbose=verbose)
+        tok = None if dense.tokenizer == "bytes" else Path(ck).parent.parent / dense.tokenizer
+        return write_run(out, cfg, specs, train=train, source=info, what="upcycle", tokenizer_from=tok,
+                         verbose=verbose)

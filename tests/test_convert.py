@@ -157,7 +157,7 @@ def hf_random(arch: str, tmp_path, **kw):
              "glm4_moe": dict(intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8, n_group=2,
                               topk_group=1, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=1.5,
                               use_qk_norm=True, attention_bias=True)}[arch]
-    hf_cfg = transformers.AutoConfig.for_model(arch, **common, **extra, **kw)
+    hf_cfg = transformers.AutoConfig.for_model(arch, **{**common, **extra, **kw})
     torch.manual_seed(1)
     hm = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
     with torch.no_grad():
@@ -275,3 +275,47 @@ def test_train_init_from_upcycled_starts_at_trained_dense_val_loss(tmp_path, cli
     moe_val = json.loads((tmp_path / "moe" / "summary.json").read_text())["val_loss"]
     assert dense_val.keys() == moe_val.keys()
     assert all(abs(dense_val[d] - moe_val[d]) < 1e-4 for d in dense_val)
+
+
+def bpe_tokenizer(folder, vocab_size: int = 320):
+    """A small byte-level BPE (trained here on a few sentences) saved as a transformers tokenizer folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    text = ["def hello(world):\n    return world + 1\n", "The quick brown fox jumps over the lazy dog. " * 3,
+            "for i in range(10):\n    print(i * i)\n"] * 5
+    tk.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>")
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def test_bpe_tokenizer_travels_through_import_generate_export_and_upcycle(tmp_path, cli, capsys):
+    hm, src = hf_random("qwen3_moe", tmp_path, vocab_size=320)
+    tok = bpe_tokenizer(src)
+    assert cli(["import", "--hf", str(src), "--out", str(tmp_path / "run")]) == 0
+    model, meta = load_model(tmp_path / "run")
+    assert model.cfg.tokenizer == "tokenizer" and (tmp_path / "run" / "tokenizer" / "tokenizer.json").exists()
+    prompt = "def hello(world):"
+    capsys.readouterr()
+    assert cli(["generate", str(tmp_path / "run"), "--prompt", prompt, "--temperature", "0",
+                "--max-new-tokens", "10"]) == 0
+    out = capsys.readouterr().out
+    ids = torch.tensor([[tok.bos_token_id] + tok(prompt, add_special_tokens=False).input_ids])
+    never = sorted({tok.pad_token_id, tok.bos_token_id} | set(range(len(tok), 320)))
+    want = hm.generate(ids, max_new_tokens=10, do_sample=False, suppress_tokens=never)[0, ids.shape[1]:]
+    assert out == prompt + tok.decode(want, skip_special_tokens=True) + "\n"
+    export_hf(tmp_path / "run", tmp_path / "hf", verbose=False)
+    back = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    text = "The lazy fox: print(i)"
+    assert back(text).input_ids == tok(text).input_ids
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert gen["suppress_tokens"] == never and gen["eos_token_id"] == tok.eos_token_id
+    hl, src_l = hf_random("llama", tmp_path, vocab_size=320)
+    bpe_tokenizer(src_l)
+    assert cli(["upcycle", "--hf", str(src_l), "--experts", "4", "--top-k", "2", "--out", str(tmp_path / "up")]) == 0
+    up, _ = load_model(tmp_path / "up")
+    assert up.cfg.tokenizer == "tokenizer" and (tmp_path / "up" / "tokenizer" / "tokenizer.json").exists()
