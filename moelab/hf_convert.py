@@ -54,7 +54,7 @@ class Source:
         else:
             raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json")
         self.handles = [stack.enter_context(safe_open(str(f), "pt")) for f in files.values()]
-        self.where = {k: h for h in self.handles for k in h.keys()}
+        self.where = {k: h for h in self.handles for k in h.keys()}  # noqa: SIM118 (a safe_open handle)
 
     def keys(self) -> set[str]:
         return set(self.where)
@@ -139,8 +139,9 @@ def _t(x: Tensor) -> Tensor:
 
 def hf_specs(cfg: ModelConfig, arch: HFArch, src: Source) -> list[Spec]:
     """The transformers tensors (names as save_pretrained writes them) made from a moelab state dict `src`."""
-    m, D = cfg.moe, cfg.d_model
+    m, D, F = cfg.moe, cfg.d_model, cfg.moe.d_expert
     H, Hkv, Dh = cfg.n_heads, cfg.kv_heads, cfg.d_head
+    g, u, d = arch.expert_linears
     dt = src.get("norm.weight").dtype
     specs = [Spec("model.embed_tokens.weight", (cfg.vocab_size, D), dt, lambda: src.get("tok_emb.weight")),
              Spec("model.norm.weight", (D,), dt, lambda: src.get("norm.weight"))]
@@ -171,8 +172,7 @@ def hf_specs(cfg: ModelConfig, arch: HFArch, src: Source) -> list[Spec]:
             bias = b + "ffn.state.loss_free.bias_E"
             specs.append(Spec(q + "gate." + arch.correction_bias, (m.n_experts,), torch.float32,
                               lambda bias=bias: src.get(bias).float() if bias in src else torch.zeros(m.n_experts)))
-        g, u, d = arch.expert_linears
-        F, up, down = m.d_expert, b + "ffn.experts.weights.w_up_EDG", b + "ffn.experts.weights.w_down_EFD"
+        up, down = b + "ffn.experts.weights.w_up_EDG", b + "ffn.experts.weights.w_down_EFD"
         for e in range(m.n_experts):
             x = q + f"experts.{e}."
             specs += [Spec(x + g + ".weight", (F, D), dt, lambda up=up, e=e: _t(src.rows(up, e, e + 1)[0, :, :F])),
@@ -202,6 +202,7 @@ def moelab_specs(cfg: ModelConfig, arch: HFArch, src: Source) -> list[Spec]:
         shapes = {k: (tuple(v.shape), v.dtype) for k, v in MoELM(cfg).state_dict().items()}
     dt = src.get("model.norm.weight").dtype
     m = cfg.moe
+    g, u, d = arch.expert_linears
     make: dict[str, Callable[[], Tensor]] = {"tok_emb.weight": lambda: src.get("model.embed_tokens.weight"),
                                              "norm.weight": lambda: src.get("model.norm.weight"),
                                              "lm_head.weight": lambda: src.get("lm_head.weight")}
@@ -219,7 +220,6 @@ def moelab_specs(cfg: ModelConfig, arch: HFArch, src: Source) -> list[Spec]:
             make[b + "ffn.up.weight"], make[b + "ffn.down.weight"] = _mlp_makers(p + "mlp.", src)
             continue
         q = p + arch.moe_block + "."
-        g, u, d = arch.expert_linears
         make[b + "ffn.gate.weight"] = lambda q=q: src.get(q + "gate.weight")
         make[b + "ffn.experts.weights.w_up_EDG"] = lambda q=q: torch.stack(
             [torch.cat([src.get(q + f"experts.{e}.{g}.weight"), src.get(q + f"experts.{e}.{u}.weight")]).t()

@@ -125,7 +125,7 @@ def upcycle(source: str | Path, out: str | Path, *, n_experts: int, top_k: int, 
             train = TrainConfig.from_dict(state["train_config"]) if "train_config" in state else None
             weights = ck / "model.safetensors"
         else:  # a transformers folder: import it (streaming) into a temporary run first
-            arch, _ = hf_model_config(source)
+            hf_model_config(source)  # refuses an architecture moelab cannot import, before any work
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="moelab_upcycle_"))) / "run"
             ck = import_hf(source, tmp, verbose=verbose)
             dense, train = ModelConfig.from_dict(read_state(ck)["model_config"]), None

@@ -55,7 +55,7 @@ def tensors(path) -> dict[str, torch.Tensor]:
     from contextlib import ExitStack
     with ExitStack() as st:
         src = Source(path, st)
-        return {k: src.get(k) for k in src.keys()}
+        return {k: src.get(k) for k in src.keys()}  # noqa: SIM118 (Source.keys is a method)
 
 
 @pytest.mark.parametrize("arch", sorted(CASES))
@@ -148,15 +148,16 @@ def test_sharded_export_index_and_load(tmp_path):
 
 def hf_random(arch: str, tmp_path, **kw):
     """A tiny random transformers model of `arch`, saved with its own save_pretrained."""
-    common = dict(vocab_size=300, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2)
-    extra = {"llama": dict(intermediate_size=24), "qwen3": dict(intermediate_size=24, head_dim=16),
-             "mixtral": dict(intermediate_size=24, num_local_experts=4),
-             "qwen3_moe": dict(intermediate_size=40, moe_intermediate_size=16, num_experts=4, mlp_only_layers=[0],
-                               norm_topk_prob=True),
-             "glm4_moe": dict(intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8, n_group=2,
-                              topk_group=1, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=1.5,
-                              use_qk_norm=True, attention_bias=True)}[arch]
+    common = {"vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 64, "num_experts_per_tok": 2}
+    extra = {"llama": {"intermediate_size": 24},
+             "qwen3": {"intermediate_size": 24, "head_dim": 16},
+             "mixtral": {"intermediate_size": 24, "num_local_experts": 4},
+             "qwen3_moe": {"intermediate_size": 40, "moe_intermediate_size": 16, "num_experts": 4,
+                           "mlp_only_layers": [0], "norm_topk_prob": True},
+             "glm4_moe": {"intermediate_size": 40, "moe_intermediate_size": 16, "n_routed_experts": 8, "n_group": 2,
+                          "topk_group": 1, "n_shared_experts": 1, "first_k_dense_replace": 1,
+                          "routed_scaling_factor": 1.5, "use_qk_norm": True, "attention_bias": True}}[arch]
     hf_cfg = transformers.AutoConfig.for_model(arch, **{**common, **extra, **kw})
     torch.manual_seed(1)
     hm = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
@@ -297,7 +298,7 @@ def test_bpe_tokenizer_travels_through_import_generate_export_and_upcycle(tmp_pa
     hm, src = hf_random("qwen3_moe", tmp_path, vocab_size=320)
     tok = bpe_tokenizer(src)
     assert cli(["import", "--hf", str(src), "--out", str(tmp_path / "run")]) == 0
-    model, meta = load_model(tmp_path / "run")
+    model, _ = load_model(tmp_path / "run")
     assert model.cfg.tokenizer == "tokenizer" and (tmp_path / "run" / "tokenizer" / "tokenizer.json").exists()
     prompt = "def hello(world):"
     capsys.readouterr()
@@ -314,7 +315,7 @@ def test_bpe_tokenizer_travels_through_import_generate_export_and_upcycle(tmp_pa
     assert back(text).input_ids == tok(text).input_ids
     gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert gen["suppress_tokens"] == never and gen["eos_token_id"] == tok.eos_token_id
-    hl, src_l = hf_random("llama", tmp_path, vocab_size=320)
+    _, src_l = hf_random("llama", tmp_path, vocab_size=320)
     bpe_tokenizer(src_l)
     assert cli(["upcycle", "--hf", str(src_l), "--experts", "4", "--top-k", "2", "--out", str(tmp_path / "up")]) == 0
     up, _ = load_model(tmp_path / "up")

@@ -118,7 +118,7 @@ def test_greedy_cache_equals_no_cache_within_and_beyond_max_seq_len(name):
 def test_sampling_cache_equals_no_cache_with_fixed_generator(name):
     model = random_model(CONFIGS[name], seed=2)
     prompt = torch.tensor([BOS_ID, 97])
-    kw = dict(max_new_tokens=30, temperature=0.9, top_k=50, top_p=0.9)
+    kw = {"max_new_tokens": 30, "temperature": 0.9, "top_k": 50, "top_p": 0.9}
     a = generate(model, prompt, generator=torch.Generator().manual_seed(3), use_cache=True, **kw)
     b = generate(model, prompt, generator=torch.Generator().manual_seed(3), use_cache=False, **kw)
     assert torch.equal(a, b) and int(a.max()) < 256
