@@ -39,6 +39,15 @@ class ByteTokenizer:
         return torch.arange(N_BYTES, vocab_size)
 
 
+    def byte_lengths(self, vocab_size: int) -> Tensor:
+        """UTF-8 bytes each id stands for: 1 per byte and for EOS (the document separator, as moelab's bits per
+        byte has always counted it), 0 for PAD / BOS / unused ids."""
+        n_V = torch.zeros(vocab_size, dtype=torch.long)
+        n_V[:N_BYTES] = 1
+        n_V[EOS_ID] = 1
+        return n_V
+
+
 class HFTokenizer:
     """A transformers tokenizer folder (AutoTokenizer, no remote code)."""
 
@@ -60,6 +69,39 @@ class HFTokenizer:
         ids = {i for i in (self.pad_id, self.bos_id) if i is not None and i != self.eos_id}
         ids |= set(range(len(self.tok), vocab_size))
         return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+    def byte_lengths(self, vocab_size: int) -> Tensor:
+        """UTF-8 bytes each id stands for (byte-level BPE: its bytes exactly; otherwise its decoded text), EOS 1
+        (the document separator), other special and unused ids 0."""
+        from moelab.hf_convert import bytes_to_unicode
+        byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
+        special = set(self.tok.all_special_ids)
+        n_V = torch.zeros(vocab_size, dtype=torch.long)
+        for i, piece in enumerate(self.tok.convert_ids_to_tokens(list(range(min(len(self.tok), vocab_size))))):
+            if i in special or piece is None:
+                continue
+            n_V[i] = len(piece) if all(c in byte_of for c in piece) else len(self.tok.decode([i]).encode("utf-8"))
+        if self.eos_id is not None and self.eos_id < vocab_size:
+            n_V[self.eos_id] = 1
+        return n_V
+
+
+def encode_documents(texts: list[str], tok) -> Tensor:
+    """Documents -> one id stream, each document followed by EOS (int32: BPE vocabularies exceed int16)."""
+    ids: list[int] = []
+    for t in texts:
+        ids += tok.encode(t)
+        ids.append(tok.eos_id)
+    return torch.tensor(ids, dtype=torch.int32)
+
+
+def bits_per_byte(*, nats_T: Tensor, targets_T: Tensor, byte_len_V: Tensor) -> float:
+    """Bits per UTF-8 byte of the predicted text: summed next-token loss (nats) / (ln 2 * bytes the target
+    ids stand for); equals nats per token / ln 2 for moelab's byte ids."""
+    import math
+    n_bytes = int(byte_len_V[targets_T.long()].sum())
+    return float(nats_T.sum()) / (math.log(2) * max(n_bytes, 1))
 
 
 def load_tokenizer(spec: str, run: str | Path | None = None) -> ByteTokenizer | HFTokenizer:

@@ -320,3 +320,26 @@ def test_bpe_tokenizer_travels_through_import_generate_export_and_upcycle(tmp_pa
     assert cli(["upcycle", "--hf", str(src_l), "--experts", "4", "--top-k", "2", "--out", str(tmp_path / "up")]) == 0
     up, _ = load_model(tmp_path / "up")
     assert up.cfg.tokenizer == "tokenizer" and (tmp_path / "up" / "tokenizer" / "tokenizer.json").exists()
+
+
+def test_tokenizer_streams_and_bits_per_byte(tmp_path):
+    """Byte ids: the stream is the UTF-8 bytes + EOS per document, and bits per byte = nats per token / ln 2.
+    BPE: the byte lengths of a document's tokens sum to its UTF-8 length, so bits per byte measures the text."""
+    import math
+
+    from moelab.hf_tokenizer import BYTES, HFTokenizer, bits_per_byte, encode_documents, load_tokenizer
+    texts = ["héllo wörld\n", "def f(x):\n    return x\n"]
+    bt = load_tokenizer(BYTES)
+    stream = encode_documents(texts, bt)
+    want = [b for t in texts for b in [*t.encode("utf-8"), 258]]
+    assert stream.tolist() == want and bt.decode(stream) == "".join(texts)
+    nats = torch.rand(len(want))
+    assert math.isclose(bits_per_byte(nats_T=nats, targets_T=stream, byte_len_V=bt.byte_lengths(259)),
+                        float(nats.mean()) / math.log(2), rel_tol=1e-6)
+    bpe_tokenizer(tmp_path / "tok")
+    ht = HFTokenizer(tmp_path / "tok")
+    stream = encode_documents(texts, ht)
+    assert len(stream) < len(want)  # merges: fewer tokens than bytes
+    lens = ht.byte_lengths(320)
+    assert int(lens[stream.long()].sum()) == sum(len(t.encode("utf-8")) + 1 for t in texts)  # + 1 per EOS
+    assert ht.decode(stream) == "".join(texts)
