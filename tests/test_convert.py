@@ -343,3 +343,35 @@ def test_tokenizer_streams_and_bits_per_byte(tmp_path):
     lens = ht.byte_lengths(320)
     assert int(lens[stream.long()].sum()) == sum(len(t.encode("utf-8")) + 1 for t in texts)  # + 1 per EOS
     assert ht.decode(stream) == "".join(texts)
+
+
+def test_conversion_reads_one_expert_at_a_time(tmp_path, monkeypatch):
+    """Export reads each expert's slice of the stacked moelab weights (never a whole layer), import reads the
+    per-expert transformers tensors: no expert read is bigger than one expert."""
+    from moelab import hf_convert
+    expert_reads: list[int] = []
+    get, rows = hf_convert.Source.get, hf_convert.Source.rows
+
+    def spy_get(self, name):
+        t = get(self, name)
+        if "experts" in name and "shared" not in name:
+            expert_reads.append(t.numel())
+        return t
+
+    def spy_rows(self, name, a, b):
+        t = rows(self, name, a, b)
+        if "experts" in name and "shared" not in name:
+            expert_reads.append(t.numel())
+        return t
+
+    monkeypatch.setattr(hf_convert.Source, "get", spy_get)
+    monkeypatch.setattr(hf_convert.Source, "rows", spy_rows)
+    c = CASES["glm4_moe"]
+    run, _ = random_run(tmp_path, c)
+    export_hf(run, tmp_path / "hf", max_shard_bytes=20_000, verbose=False)
+    one_expert = c.d_model * 2 * c.moe.d_expert
+    n_moe = len(c.moe_layer_ids)
+    assert len(expert_reads) == n_moe * c.moe.n_experts * 3 and max(expert_reads) <= one_expert
+    expert_reads.clear()
+    import_hf(tmp_path / "hf", tmp_path / "back", verbose=False)
+    assert len(expert_reads) == n_moe * c.moe.n_experts * 3 and max(expert_reads) <= one_expert // 2
