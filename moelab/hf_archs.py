@@ -6,7 +6,8 @@ the run's config): llama and qwen3 (dense models only: every layer a SwiGLU MLP;
 mixtral (softmax top-k, renormalised, every layer MoE), qwen3_moe (softmax top-k with or
 without renormalising, dense layers anywhere, q/k RMSNorm always on), glm4_moe (DeepSeek-V3 routing on standard
 attention: sigmoid scores, group-limited top-k, routed scaling, shared experts, first dense layers, the
-loss-free bias as e_score_correction_bias, partial RoPE, q/k/v biases, optional q/k norm).
+loss-free bias as e_score_correction_bias, partial RoPE, q/k/v biases, optional q/k norm), dots1 (the same
+routing with q/k norm always on, full RoPE and an optional sliding window).
 """
 from __future__ import annotations
 
@@ -166,10 +167,11 @@ def _glm_to_hf(cfg: ModelConfig) -> dict:
     return out
 
 
-def _glm_from_hf(hf: dict) -> ModelConfig:
-    base = _common_from_hf("glm4_moe", hf)
+def _glm_from_hf(hf: dict, arch: str = "glm4_moe", frac: float | None = None) -> ModelConfig:
+    base = _common_from_hf(arch, hf)
     rope = hf.get("rope_parameters") or {}
-    frac = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))
+    if frac is None:
+        frac = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))
     E = hf["n_routed_experts"]
     moe = MoEConfig(d_model=base["d_model"], d_expert=hf["moe_intermediate_size"], n_experts=E,
                     top_k=hf["num_experts_per_tok"], n_shared=hf["n_shared_experts"], router="sigmoid_group",
@@ -179,6 +181,34 @@ def _glm_from_hf(hf: dict) -> ModelConfig:
     return ModelConfig(moe=moe, d_dense=hf["intermediate_size"], first_dense=min(hf["first_k_dense_replace"],
                        hf["num_hidden_layers"]), qk_norm=bool(hf.get("use_qk_norm", False)),
                        qkv_bias=bool(hf.get("attention_bias", False)), rope_fraction=float(frac), **base)
+
+
+# ---- dots1: the same routing with q/k norm always on, full RoPE, optional sliding window -----------------
+def _dots1_check(cfg: ModelConfig) -> None:
+    m = cfg.moe
+    _check_common("dots1", cfg, ("sigmoid_group",))
+    _need(cfg.moe_every == 1, "dots1", "moe_every", cfg.moe_every, "1 (after the first dense layers, all MoE)")
+    _need(m.d_shared_total % m.d_expert == 0, "dots1", "moe.d_shared", m.d_shared,
+          f"n_shared * d_shared a multiple of d_expert={m.d_expert}")
+    _need(cfg.qk_norm, "dots1", "qk_norm", cfg.qk_norm, "True (its attention always RMS-normalises q and k)")
+    _need(not cfg.qkv_bias, "dots1", "qkv_bias", cfg.qkv_bias, "False (its attention_bias also biases o_proj)")
+    _need(cfg.rope_fraction == 1.0, "dots1", "rope_fraction", cfg.rope_fraction, "1.0 (RoPE on all head dims)")
+
+
+def _dots1_to_hf(cfg: ModelConfig) -> dict:
+    out = _glm_to_hf(cfg)
+    for k in ("use_qk_norm", "num_nextn_predict_layers"):
+        out.pop(k)
+    out["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    return {**out, "sliding_window": cfg.sliding_window, "max_window_layers": 0}
+
+
+def _dots1_from_hf(hf: dict) -> ModelConfig:
+    types = set(hf.get("layer_types") or ["full_attention"])
+    _need(len(types) == 1, "dots1", "layer_types", sorted(types), "one attention type for every layer")
+    window = hf.get("sliding_window") if types == {"sliding_attention"} else None
+    _need(not hf.get("attention_bias", False), "dots1", "attention_bias", True, "False (moelab has no o_proj bias)")
+    return _glm_from_hf(hf, "dots1", 1.0).replace(qk_norm=True, sliding_window=window)
 
 
 # ---- dense: llama, qwen3 (what `moelab upcycle` starts from; dense moelab runs export to them) --------
@@ -217,6 +247,8 @@ ARCHS: dict[str, HFArch] = {a.name: a for a in (  # export's preference order (d
            _qwen3_check, _qwen3_to_hf, _qwen3_from_hf),
     HFArch("glm4_moe", "Glm4MoeConfig", "Glm4MoeForCausalLM", "mlp", _EXPERT_LINEARS, "shared_experts",
            "e_score_correction_bias", _glm_check, _glm_to_hf, _glm_from_hf),
+    HFArch("dots1", "Dots1Config", "Dots1ForCausalLM", "mlp", _EXPERT_LINEARS, "shared_experts",
+           "e_score_correction_bias", _dots1_check, _dots1_to_hf, _dots1_from_hf),
 )}
 
 

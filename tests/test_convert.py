@@ -33,6 +33,9 @@ CASES = {  # arch -> a config using what that architecture can express
                      "n_shared": 2, "routed_scaling_factor": 2.5, "balance": "loss_free"},
                     first_dense=1, qk_norm=True, qkv_bias=True, rope_fraction=0.5, n_kv_heads=2,
                     tie_embeddings=False),
+    "dots1": cfg({"router": "sigmoid_group", "n_experts": 8, "n_group": 2, "topk_group": 1, "top_k": 2,
+                  "n_shared": 1, "renormalize": False, "balance": "loss_free"},
+                 first_dense=1, qk_norm=True, sliding_window=6, tie_embeddings=False),
 }
 
 
@@ -102,6 +105,8 @@ def test_auto_arch_preference_and_refusals_name_the_field(tmp_path):
     assert pick_arch(get_preset("mixtral-like")).name == "mixtral"
     assert pick_arch(get_preset("deepseek-v3-like")).name == "glm4_moe"
     assert pick_arch(CASES["qwen3_moe"]).name == "qwen3_moe"
+    assert pick_arch(CASES["dots1"]).name == "dots1"  # glm4_moe has no sliding window
+    assert pick_arch(CASES["dots1"].replace(sliding_window=None)).name == "glm4_moe"
     with pytest.raises(ValueError, match="cannot express qk_norm=True"):
         pick_arch(cfg({}, qk_norm=True), "mixtral")
     with pytest.raises(ValueError, match="moe.router='sigmoid_group'"):
@@ -157,7 +162,10 @@ def hf_random(arch: str, tmp_path, **kw):
                            "mlp_only_layers": [0], "norm_topk_prob": True},
              "glm4_moe": {"intermediate_size": 40, "moe_intermediate_size": 16, "n_routed_experts": 8, "n_group": 2,
                           "topk_group": 1, "n_shared_experts": 1, "first_k_dense_replace": 1,
-                          "routed_scaling_factor": 1.5, "use_qk_norm": True, "attention_bias": True}}[arch]
+                          "routed_scaling_factor": 1.5, "use_qk_norm": True, "attention_bias": True},
+             "dots1": {"intermediate_size": 40, "moe_intermediate_size": 16, "n_routed_experts": 8, "n_group": 4,
+                       "topk_group": 2, "n_shared_experts": 2, "first_k_dense_replace": 1, "norm_topk_prob": True,
+                       "sliding_window": 5, "max_window_layers": 0}}[arch]
     hf_cfg = transformers.AutoConfig.for_model(arch, **{**common, **extra, **kw})
     torch.manual_seed(1)
     hm = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
