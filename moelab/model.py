@@ -1,7 +1,10 @@
-"""Tiny decoder-only MoE language model: byte vocabulary, RMSNorm, RoPE, causal SDPA, MoE FFN.
+"""Tiny decoder-only MoE language model: byte vocabulary (or a run's tokenizer), RMSNorm, RoPE (optionally
+partial), causal SDPA with optional GQA / q-k norm / q-k-v biases / sliding window, MoE FFN, KV-cache decoding.
 
-B=sequences, S=positions, D=d_model, V=vocab, H=heads, Dh=head dim, F=dense FFN hidden, E=experts.
-Readable top to bottom: `ModelConfig` -> `Block` (attention + dense or MoE FFN) -> `MoELM` -> `generate`.
+B=sequences, S=positions, D=d_model, V=vocab, H=heads, Hkv=key/value heads, Dh=head dim, R=rotated dims,
+F=dense FFN hidden, E=experts, P=cached positions.
+Readable top to bottom: `ModelConfig` -> `Attention` (+ `KVCache`) -> `Block` (attention + dense or MoE FFN)
+-> `MoELM` -> `sample_next` / `generate`.
 """
 from __future__ import annotations
 
