@@ -310,6 +310,8 @@ def export_hf(run: str | Path, out: str | Path, *, arch: str | None = None, ckpt
     a = pick_arch(cfg, arch)
     tok = load_tokenizer(cfg.tokenizer, run)
     out = Path(out)
+    if any(out.glob("model*.safetensors*")):
+        raise ValueError(f"--to-hf {str(out)!r} already holds model weights: allowed a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         src = Source(path / "model.safetensors", stack)

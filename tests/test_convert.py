@@ -263,6 +263,8 @@ def test_cli_export_import_and_train_init_from(tmp_path, cli, capsys):
                 "--out", str(tmp_path / "bad")] + SMALL_TRAIN) == 2
     assert "--init-from" in (err := capsys.readouterr().err) and "tensor blocks.0." in err
     assert cli(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 2
+    assert cli(["export", str(run), "--to-hf", str(tmp_path / "hf")]) == 2
+    assert "already holds model weights" in capsys.readouterr().err
     assert cli(["export", str(tmp_path / "t"), "--to-hf", str(tmp_path / "hf2"), "--arch", "glm4_moe"]) == 2
     assert "moe.router='topk'" in capsys.readouterr().err
 
