@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/moelab: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,hf]'
+	$(BIN)/pip install -q -e '.[dev,hf,tb]'
 	touch $(BIN)/moelab
 
 demo: $(BIN)/moelab

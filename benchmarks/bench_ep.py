@@ -125,9 +125,9 @@ def main() -> None:
         "a2a_bytes_per_token_forward": bytes_fwd / tokens,
         # backward moves the same rows back, but not the int64 counts (8 * E * (W-1) bytes per layer)
         "a2a_bytes_per_token_fwd_bwd": (2 * bytes_fwd - 8 * tiny().moe.n_experts * (world - 1)
-                                        * len(tiny().moe_layers)) / tokens,
-        "rows_sent_per_token_per_layer": rows / tokens / len(tiny().moe_layers),
-        "moe_layers": len(tiny().moe_layers), "d_model": tiny().d_model, "top_k": tiny().moe.top_k,
+                                        * len(tiny().moe_layer_ids)) / tokens,
+        "rows_sent_per_token_per_layer": rows / tokens / len(tiny().moe_layer_ids),
+        "moe_layers": len(tiny().moe_layer_ids), "d_model": tiny().d_model, "top_k": tiny().moe.top_k,
         "batch": args.batch, "seq": args.seq, "reps": args.reps,
     }
     table = Table(title="EP=2 (2 gloo procs x 1 thread) vs 1 proc x 2 threads, tiny model, fwd+bwd")

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from moelab.resolve import RunConfig, add_config_flags, apply, diff, overrides_from_args, resolve
+from moelab.resolver import RunConfig, add_config_flags, apply, diff, overrides_from_args, resolve
+from moelab.runtime import DEVICES, DTYPES, Runtime, runtime
 
 # fields `train --resume` may change (what the run does next, not what it is); anything else is refused
 RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_last",
@@ -21,6 +22,20 @@ def set_threads(threads: int | None) -> None:
         if threads < 1:
             raise ValueError(f"--threads={threads} is invalid: allowed an integer >= 1")
         torch.set_num_threads(threads)
+
+
+def add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    """--device / --dtype / --threads: where and how a command computes (not part of the run's config)."""
+    p.add_argument("--device", choices=DEVICES, help="cpu | cuda | mps (default: the best available)")
+    p.add_argument("--dtype", choices=DTYPES, help="float32 (default) | bfloat16 (autocast; router and losses "
+                   "stay float32)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 per rank with --nproc)")
+
+
+def runtime_of(args: argparse.Namespace) -> Runtime:
+    """Sets --threads and returns the Runtime of --device / --dtype."""
+    set_threads(args.threads)
+    return runtime(args.device, args.dtype)
 
 
 def resume_config(out: Path, overrides: dict) -> RunConfig:
@@ -69,8 +84,10 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError("--init-from is single-process: allowed without --nproc / --ep / torchrun")
         from moelab.ep_train import launch
         return launch(run, out=args.out, resume=args.resume, nproc=args.nproc, ep=args.ep, threads=args.threads)
-    set_threads(args.threads)
-    trainer = Trainer(run.model, run.train, out)
+    trainer = Trainer(run.model, run.train, out, runtime=runtime_of(args))
+    if args.tensorboard:
+        from moelab.tensorboard import EventWriter
+        trainer.log_sinks.append(EventWriter(out / "tb").write)
     if args.init_from and not (args.resume and list_checkpoints(out)):  # a resumed run keeps its own weights
         init_from(trainer.model, args.init_from)
     summary = trainer.fit(resume=args.resume)
@@ -84,7 +101,7 @@ def _eval(args: argparse.Namespace) -> int:
     from moelab.config import TrainConfig
     from moelab.data import build_corpus
     from moelab.train import evaluate, val_table
-    set_threads(args.threads)
+    rt = runtime_of(args)
     model, meta = load_model(args.run, args.ckpt)
     cfg = TrainConfig.from_dict(meta["train_config"])
     if args.batches is not None:
@@ -93,7 +110,7 @@ def _eval(args: argparse.Namespace) -> int:
         cfg = cfg.replace(eval_batches=args.batches)
     corpus = build_corpus(list(cfg.data), val_fraction=cfg.val_fraction, split_version=cfg.split_version)
     corpus.check(cfg.seq_len)
-    ev = evaluate(model, corpus, cfg)
+    ev = evaluate(model.to(rt.device), corpus, cfg, rt)
     summary = {"step": meta["step"], **ev, "unigram_loss": {d: corpus.unigram_loss(d) for d in corpus.domains}}
     Console().print(val_table(summary))
     return 0
@@ -106,7 +123,7 @@ def _generate(args: argparse.Namespace) -> int:
     from moelab.checkpoint import load_model
     from moelab.hf_tokenizer import load_tokenizer, prompt_ids
     from moelab.model import generate
-    set_threads(args.threads)
+    rt = runtime_of(args)
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} is invalid: allowed an integer >= 0")
     if args.prompt_file is not None:
@@ -115,14 +132,15 @@ def _generate(args: argparse.Namespace) -> int:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, _ = load_model(args.run, args.ckpt)
     tok = load_tokenizer(model.cfg.tokenizer, args.run)
-    ids = prompt_ids(tok, prompt)
+    ids = prompt_ids(tok, prompt).to(rt.device)
     if ids.numel() + args.max_new_tokens > model.cfg.max_seq_len:
         print(f"note: prompt + new tokens exceed max_seq_len={model.cfg.max_seq_len}; past it the context slides "
               "(each token re-reads the last max_seq_len tokens)", file=sys.stderr)
     t0 = time.perf_counter()
-    out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, generator=torch.Generator().manual_seed(args.seed), use_cache=not args.no_cache,
-                   suppress_ids=tok.never_sampled(model.cfg.vocab_size))
+    with rt.autocast():
+        out = generate(model.to(rt.device), ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, generator=torch.Generator(device=rt.device).manual_seed(
+                           args.seed), use_cache=not args.no_cache, suppress_ids=tok.never_sampled(model.cfg.vocab_size))
     dt = time.perf_counter() - t0
     print(prompt + tok.decode(out.tolist()))
     print(f"{out.numel()} tokens in {dt:.2f} s ({out.numel() / max(dt, 1e-9):.1f} tokens/s)", file=sys.stderr)
@@ -130,8 +148,14 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from moelab.plots import plot_run
-    for path in plot_run(args.run):
+    from moelab.plots import plot_compare, plot_run
+    if len(args.runs) > 1 and args.out is None:
+        raise ValueError("several runs are overlaid into one folder: give --out DIR")
+    paths = plot_run(args.runs[0]) if args.out is None else plot_compare(args.runs, args.out)
+    if args.tensorboard:
+        from moelab.tensorboard import export_runs
+        paths += export_runs(args.runs)
+    for path in paths:
         print(path)
     return 0
 
@@ -139,10 +163,6 @@ def _plot(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from moelab.demo import run_demo
     return run_demo(out=args.out, steps=args.steps, threads=args.threads)
-
-
-def _threads_flag(p: argparse.ArgumentParser, default_help: str = "torch's choice") -> None:
-    p.add_argument("--threads", type=int, help=f"torch CPU threads (default: {default_help})")
 
 
 def register(sub) -> None:
@@ -165,9 +185,11 @@ def register(sub) -> None:
     t.add_argument("--init-from", help="start from the weights of this run's latest checkpoint (an imported or "
                    "upcycled run, or any run) with a fresh optimizer and schedule; without --preset/--config the "
                    "model and train config are that run's")
+    t.add_argument("--tensorboard", action="store_true", help="also log metrics as TensorBoard events in OUT/tb "
+                   "(needs the optional `tensorboard` package: pip install moelab[tb])")
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint with its saved "
                    f"config; only {', '.join(RESUME_MAY_CHANGE)} may change")
-    _threads_flag(t, "torch's choice; 1 per rank with --nproc")
+    add_runtime_flags(t)
     t.add_argument("--nproc", type=int, help="spawn N local gloo processes for expert x data parallel training "
                    "(--batch-size is per rank; under torchrun the world size is torchrun's)")
     t.add_argument("--ep", type=int, help="expert-parallel size P: experts sharded over blocks of P ranks, N/P "
@@ -178,7 +200,7 @@ def register(sub) -> None:
     e.add_argument("run", help="run folder written by `moelab train`")
     e.add_argument("--ckpt", help="a checkpoint folder (default: the run's latest)")
     e.add_argument("--batches", type=int, help="validation micro-batches per domain (default: the run's)")
-    _threads_flag(e)
+    add_runtime_flags(e)
     e.set_defaults(func=_eval)
     g = sub.add_parser("generate", help="sample text from a trained run",
                        description="Sample bytes after the prompt from RUN's latest (or --ckpt) checkpoint, "
@@ -195,10 +217,14 @@ def register(sub) -> None:
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--no-cache", action="store_true", help="re-read the whole context every token instead of a "
                    "KV cache (same tokens, slower)")
-    _threads_flag(g)
+    add_runtime_flags(g)
     g.set_defaults(func=_generate)
-    pl = sub.add_parser("plot", help="loss, expert-load, MaxVio and specialization plots of a run",
-                        description="Write loss.png, expert_load.png, max_vio.png and specialization.png "
-                                    "into RUN from its metrics.jsonl and summary.json.")
-    pl.add_argument("run", help="run folder written by `moelab train`")
+    pl = sub.add_parser("plot", help="plots of a run, or several runs overlaid",
+                        description="One RUN: write loss.png, expert_load.png, max_vio.png and specialization.png "
+                                    "into it from its metrics.jsonl and summary.json. Several runs (or --out): "
+                                    "loss, validation loss and MaxVio curves of every run overlaid, into --out.")
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by `moelab train`")
+    pl.add_argument("--out", help="folder for the overlay plots (needed with several runs)")
+    pl.add_argument("--tensorboard", action="store_true", help="also write each run's metrics as TensorBoard "
+                    "event files into RUN/tb (needs the optional `tensorboard` package: pip install moelab[tb])")
     pl.set_defaults(func=_plot)

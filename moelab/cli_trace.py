@@ -4,11 +4,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from moelab.runtime import DEVICES, best_device
+
 
 def _trace(args: argparse.Namespace) -> int:
     """Exactly one of RUN / --hf; writes the .npz and prints a one-line summary."""
     from moelab.cli_run import set_threads
     set_threads(args.threads)
+    device = args.device or best_device()
     if (args.run is None) == (args.hf is None):
         raise ValueError("give exactly one of RUN (a moelab run folder) or --hf PATH_OR_NAME")
     if args.max_tokens < args.seq_len:
@@ -16,10 +19,10 @@ def _trace(args: argparse.Namespace) -> int:
     kw = {"seq_len": args.seq_len, "max_tokens": args.max_tokens, "logits": not args.no_logits}
     if args.run is not None:
         from moelab.trace import trace_run
-        tr = trace_run(args.run, args.data, **kw)
+        tr = trace_run(args.run, args.data, device=device, **kw)
     else:
         from moelab.hf import trace_hf_path
-        tr = trace_hf_path(args.hf, args.data, dtype=args.dtype, **kw)
+        tr = trace_hf_path(args.hf, args.data, dtype=args.dtype, device=device, **kw)
     path = tr.save(args.out)
     print(f"traced {tr.n_tokens} tokens x {tr.n_layers} MoE layers (E={tr.n_experts}, k={tr.top_k}, domains "
           f"{', '.join(tr.domains)}) -> {path} ({path.stat().st_size / 1024:.0f} KiB)")
@@ -51,6 +54,7 @@ def register(sub) -> None:
     t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="--hf model dtype (default float32)")
     t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--device", choices=DEVICES, help="cpu | cuda | mps (default: the best available)")
     t.set_defaults(func=_trace)
     a = sub.add_parser("analyze", help="plots + one HTML report from a routing trace",
                        description="Load, specialization, inter-layer affinity, local routing consistency and top "

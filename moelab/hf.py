@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from moelab.progress import progress
 from moelab.trace import RoutingCursor, Trace, trace_from, windows
 
 
@@ -269,7 +270,7 @@ def trace_hf(model: nn.Module, wins: list, domains: list[str], *, batch_size: in
     dev = next(model.parameters()).device
     ids_all = [np.asarray(w, dtype=np.int64) for _, w in wins]
     with HFRecorder(model, logits=logits) as rec:
-        for b in range(0, len(wins), batch_size):
+        for b in progress(range(0, len(wins), batch_size), "trace"):
             model(input_ids=torch.as_tensor(np.stack(ids_all[b: b + batch_size]), device=dev), use_cache=False)
         layers = rec.take()
     S = len(ids_all[0])
@@ -285,11 +286,13 @@ def trace_hf(model: nn.Module, wins: list, domains: list[str], *, batch_size: in
 
 
 def trace_hf_path(path_or_name: str, data: list[str] | None = None, *, seq_len: int = 128,
-                  max_tokens: int = 16384, batch_size: int = 4, logits: bool = True, dtype: str = "float32") -> Trace:
+                  max_tokens: int = 16384, batch_size: int = 4, logits: bool = True, dtype: str = "float32",
+                  device: str = "cpu") -> Trace:
     """`moelab trace --hf PATH`: a local transformers MoE model over `data` text (None = the built-in corpus),
     domains as moelab.data labels them; each domain is tokenized only up to its share of max_tokens."""
     from moelab.data import builtin_documents, document_text, format_report, load_documents
     model, tok = load_hf_causal_lm(path_or_name, dtype)
+    model = model.to(device)
     if not data or data == ["builtin"]:
         docs = builtin_documents()
     else:

@@ -271,7 +271,7 @@ def generate(model: MoELM, prompt_S: Tensor, *, max_new_tokens: int, temperature
         raise ValueError(f"top_p={top_p} is invalid: allowed 0 < top_p <= 1 or None")
     if prompt_S.numel() == 0:
         raise ValueError("prompt is empty: allowed a prompt of >= 1 token (moelab prompts start with BOS)")
-    banned = torch.arange(N_BYTES, V) if suppress_ids is None else suppress_ids
+    banned = (torch.arange(N_BYTES, V) if suppress_ids is None else suppress_ids).to(prompt_S.device)
     was_training = model.training
     model.eval()
     ids_S = prompt_S.clone()

@@ -59,7 +59,12 @@ class MoELayer(nn.Module):
               prev_logits_TN: Tensor | None = None) -> Routing:
         """Router in fp32 whatever the model dtype, over all N outputs; padding tokens go nowhere."""
         cfg = self.cfg
-        x_r = x_TD.float()
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):  # fp32 under bf16 autocast too
+            return self._route_fp32(x_TD.float(), valid_T, token_ids_T, prev_logits_TN)
+
+    def _route_fp32(self, x_r: Tensor, valid_T: Tensor | None, token_ids_T: Tensor | None,
+                    prev_logits_TN: Tensor | None) -> Routing:
+        cfg = self.cfg
         if self.training and cfg.jitter_eps > 0:  # Switch Transformer input jitter
             x_r = x_r * torch.empty_like(x_r).uniform_(1 - cfg.jitter_eps, 1 + cfg.jitter_eps)
         logits_TN = F.linear(x_r, self.gate.weight.float())
@@ -85,7 +90,7 @@ class MoELayer(nn.Module):
         y_TD, routing = None, full
         if self.special is not None:  # null/zero/copy/const experts: computed here, their slots -> -1
             y_TD, routing, _ = self.special(x_TD, full)
-        wanted_E, n_dropped = None, torch.zeros((), dtype=torch.long)
+        wanted_E, n_dropped = None, torch.zeros((), dtype=torch.long, device=x.device)
         if cfg.capacity_factor is not None:  # losses and counters see the wanted slots, stats the kept ones
             wanted_E = balance.expert_counts(expert_idx_TK=routing.expert_idx_TK, n_experts=cfg.n_experts)
             n_real = x_TD.shape[0] if valid_T is None else int(valid_T.sum())

@@ -138,3 +138,31 @@ def plot_run(run: str | Path) -> list[Path]:
     if summary and summary.get("expert_by_domain"):
         out.append(plot_run_specialization(summary, run / "specialization.png"))
     return out
+
+
+def _mean_max_vio(train: list[dict]) -> np.ndarray:
+    return np.array([float(np.mean(r["max_vio"])) if r["max_vio"] else 0.0 for r in train])
+
+
+def plot_compare(runs: list[str | Path], out: str | Path) -> list[Path]:
+    """Several runs overlaid, one colour per run (legend = run folder): train loss (smoothed), mean validation
+    loss over domains, and MaxVio (mean over MoE layers). Writes loss.png, val_loss.png, max_vio.png in `out`."""
+    if len(runs) < 1:
+        raise ValueError("moelab plot needs at least one run folder")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = [(Path(r).name or str(r), *read_metrics(r)) for r in runs]
+    figs = {name: plt.subplots(figsize=(6.4, 4.0), dpi=90) for name in ("loss", "val_loss", "max_vio")}
+    for label, train, val in data:
+        steps = np.array([r["step"] for r in train])
+        k = max(1, len(steps) // 50)
+        x = steps[k - 1:] if k > 1 and len(steps) >= k else steps
+        figs["loss"][1].plot(x, _smooth(np.array([r["loss"] for r in train]), k), label=label)
+        figs["max_vio"][1].plot(x, _smooth(_mean_max_vio(train), k), label=label)
+        if val:
+            figs["val_loss"][1].plot([r["step"] for r in val], [float(np.mean(list(r["val_loss"].values())))
+                                                                for r in val], "o-", label=label)
+    titles = {"loss": ("train loss (nats / byte)", "train loss"),
+              "val_loss": ("validation loss (nats / byte)", "validation loss, mean over domains"),
+              "max_vio": ("MaxVio", "load imbalance (MaxVio, mean over MoE layers)")}
+    return [_save_line_plot(fig, ax, out / f"{name}.png", *titles[name]) for name, (fig, ax) in figs.items()]

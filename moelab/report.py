@@ -12,6 +12,7 @@ import numpy as np
 
 from moelab import analysis
 from moelab.plots import plt, save_figure
+from moelab.progress import progress
 from moelab.trace import Trace
 
 SOURCES = [  # (metric, citation) shown in the report
@@ -123,10 +124,13 @@ def write_report(trace: Trace, out: str | Path, top_layer: int | None = None) ->
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     s = analysis.summarize(trace)
-    imgs = [("Expert load", plot_load(s, out / "load.png")),
-            ("Domain specialization", plot_trace_specialization(s, trace.domains, out / "specialization.png")),
-            ("Inter-layer affinity", plot_affinity(s, out / "affinity.png")),
-            ("Local routing consistency", plot_consistency(s, trace.top_k, trace.n_experts, out / "consistency.png"))]
+    figures = [("Expert load", lambda: plot_load(s, out / "load.png")),
+               ("Domain specialization",
+                lambda: plot_trace_specialization(s, trace.domains, out / "specialization.png")),
+               ("Inter-layer affinity", lambda: plot_affinity(s, out / "affinity.png")),
+               ("Local routing consistency",
+                lambda: plot_consistency(s, trace.top_k, trace.n_experts, out / "consistency.png"))]
+    imgs = [(title, draw()) for title, draw in progress(figures, "report")]
     L, E, K = trace.n_layers, trace.n_experts, trace.top_k
     rows = []
     for l in range(L):

@@ -72,7 +72,7 @@ class ReluL1(nn.Module):
 
     @torch.no_grad()
     def observe(self, *, counts_E: Tensor, sparsity: Tensor) -> None:
-        self.seen += torch.stack([sparsity.to(self.seen), torch.ones((), dtype=self.seen.dtype)])
+        self.seen += torch.stack([sparsity.to(self.seen), self.seen.new_ones(())])
 
     def loss_weights(self) -> dict[str, Tensor]:
         return {"relu_l1": self.coef.clone()}  # a copy: the buffer is stepped in place later

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from moelab.config import TrainConfig
 from moelab.moe import MoELayer, moe_layers
+from moelab.progress import progress
 
 TRACE_VERSION = 1
 _REQUIRED = ("version", "expert_idx_LNK", "weight_LNK", "token_ids_N", "seq_ids_N", "positions_N",
@@ -308,7 +309,7 @@ def trace_moelab(model: nn.Module, wins: list, domains: list[str], *, batch_size
     dev = next(model.parameters()).device
     ids_all = [np.asarray(w, dtype=np.int64) for _, w in wins]
     with record_moelab(model) as rec:
-        for b in range(0, len(wins), batch_size):
+        for b in progress(range(0, len(wins), batch_size), "trace"):
             model(torch.as_tensor(np.stack(ids_all[b: b + batch_size]), device=dev))
     idx = [torch.cat([r.expert_idx_TK.cpu() for r in recs]) for recs in rec]
     w = [torch.cat([r.weight_TK.float().cpu() for r in recs]) for recs in rec]
@@ -324,13 +325,14 @@ def trace_moelab(model: nn.Module, wins: list, domains: list[str], *, batch_size
 
 
 def trace_run(run: str | Path, data: list[str] | None = None, *, seq_len: int = 128, max_tokens: int = 16384,
-              batch_size: int = 8, logits: bool = True) -> Trace:
+              batch_size: int = 8, logits: bool = True, device: str = "cpu") -> Trace:
     """`moelab trace RUN`: the run's latest checkpoint over validation windows of each domain of `data`
     (None = the run's own training data), split with the run's val_fraction: never text it trained on."""
     from moelab.checkpoint import load_model
     from moelab.data import build_corpus
     from moelab.model import BOS_ID, EOS_ID, PAD_ID
     model, state = load_model(run)
+    model = model.to(device)
     seq_len = min(seq_len, model.cfg.max_seq_len)
     cfg = TrainConfig.from_dict(state["train_config"])
     corpus = build_corpus(list(data) if data else list(cfg.data), val_fraction=cfg.val_fraction,

@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from moelab.config import ModelConfig, TrainConfig
 from moelab.data import Batch, Corpus, build_corpus, format_report
 from moelab.model import LMOutput, MoELM, lm_loss, param_count
 from moelab.moe import moe_layers, step_routers
+from moelab.progress import progress
+from moelab.runtime import Runtime
 
 ROUTER_STATS = ("experts_per_token", "special_per_token", "flops_saved")  # logged per MoE layer
 
@@ -68,7 +71,7 @@ class Trainer:
     """Owns model, optimizer, data sampler and run folder. `fit()` loops `train_step()`."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, out: str | Path, *, corpus: Corpus | None = None,
-                 verbose: bool = True):
+                 verbose: bool = True, runtime: Runtime = Runtime()):
         if cfg.seq_len > model_cfg.max_seq_len:
             raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} is invalid: allowed <= max_seq_len="
                              f"{model_cfg.max_seq_len}")
@@ -77,7 +80,8 @@ class Trainer:
                                                                      split_version=cfg.split_version)
         self.corpus.check(cfg.seq_len)  # too little text for one sequence: one clear error, before any work
         torch.manual_seed(cfg.seed)
-        self.model = MoELM(model_cfg)
+        self.runtime = runtime
+        self.model = MoELM(model_cfg).to(runtime.device)
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "tok_emb" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "tok_emb" not in n)]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -85,6 +89,7 @@ class Trainer:
                                      lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False, foreach=False)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
+        self.log_sinks: list[Callable[[dict], None]] = []  # also called with every metrics.jsonl record
         self.console = Console(quiet=not verbose)
         self._rng_at_step_start = self._rng_state()
 
@@ -120,13 +125,14 @@ class Trainer:
         named: dict[str, Tensor] = {}
         t0 = time.perf_counter()
         for _ in range(cfg.grad_accum):
-            batch = self.corpus.sample(cfg.batch_size, cfg.seq_len, self.gen)
-            out = model(batch.idx_BS, valid_BS=batch.valid_BS)
+            batch = to_device(self.corpus.sample(cfg.batch_size, cfg.seq_len, self.gen), self.runtime.device)
+            with self.runtime.autocast():
+                out = model(batch.idx_BS, valid_BS=batch.valid_BS)
             lm = lm_loss(logits_BSV=out.logits_BSV, targets_BS=batch.targets_BS, valid_BS=batch.valid_BS)
             self._check_finite(lm, out, batch)
             ((lm + out.aux_loss) / cfg.grad_accum).backward()
-            sums += torch.stack([lm.detach(), out.aux_loss.detach(), torch.tensor(1.0),
-                                 batch.valid_BS.sum().float()])
+            sums += torch.stack([lm.detach(), out.aux_loss.detach().float(), torch.ones((), device=lm.device),
+                                 batch.valid_BS.sum().float()]).cpu()
             for j, r in enumerate(out.moe.values()):
                 counts_LE[j] += r.counts_E.float().cpu()
                 router_LR[j] += torch.stack([r.router_stats[k].float().cpu() for k in ROUTER_STATS])
@@ -175,7 +181,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Validation loss and bits per byte per domain, and expert counts per (layer, domain)."""
-        return evaluate(self.model, self.corpus, self.cfg)
+        return evaluate(self.model, self.corpus, self.cfg, self.runtime)
 
     # -- checkpoints ---------------------------------------------------------------
     def _rng_state(self) -> dict[str, Tensor]:
@@ -199,6 +205,8 @@ class Trainer:
     def _log(self, rec: dict) -> None:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
+        for sink in self.log_sinks:
+            sink(rec)
 
     def fit(self, resume: bool = False, stop_at: int | None = None) -> dict:
         """Train to cfg.steps (or pause at `stop_at`, with a checkpoint there) with a progress bar, periodic
@@ -273,7 +281,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: MoELM, corpus: Corpus, cfg: TrainConfig) -> dict:
+def evaluate(model: MoELM, corpus: Corpus, cfg: TrainConfig, runtime: Runtime = Runtime()) -> dict:
     """Per-domain validation loss (nats/byte) and bits per byte; expert counts per MoE layer and domain."""
     was = model.training
     model.eval()
@@ -283,8 +291,11 @@ def evaluate(model: MoELM, corpus: Corpus, cfg: TrainConfig) -> dict:
     val_loss = {}
     for d, dom in enumerate(corpus.domains):
         tot, n = 0.0, 0.0
-        for b in corpus.val_batches(dom, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
-            out = model(b.idx_BS, valid_BS=b.valid_BS)
+        for b in progress(corpus.val_batches(dom, cfg.batch_size, cfg.seq_len, cfg.eval_batches),
+                          f"eval {dom}", total=cfg.eval_batches):
+            b = to_device(b, runtime.device)
+            with runtime.autocast():
+                out = model(b.idx_BS, valid_BS=b.valid_BS)
             k = float(b.valid_BS.sum())
             tot += float(lm_loss(logits_BSV=out.logits_BSV, targets_BS=b.targets_BS, valid_BS=b.valid_BS)) * k
             n += k
@@ -294,6 +305,10 @@ def evaluate(model: MoELM, corpus: Corpus, cfg: TrainConfig) -> dict:
     model.train(was)
     return {"val_loss": val_loss, "val_bpb": {d: v / math.log(2) for d, v in val_loss.items()},
             "expert_by_domain": {str(i): counts_LDE[j].tolist() for j, i in enumerate(layers)}}
+
+
+def to_device(batch: Batch, device) -> Batch:
+    return Batch(*(t.to(device) for t in batch))
 
 
 def run_env() -> dict:

@@ -17,7 +17,7 @@ from moelab.model import (
 )
 from moelab.moe import MoELayer
 from moelab.presets import PRESETS, get_preset
-from moelab.resolve import resolve
+from moelab.resolver import resolve
 
 
 def small_cfg(**kw) -> ModelConfig:
@@ -187,3 +187,28 @@ def test_gating_residual_receives_previous_layer_logits():
 def test_config_dict_roundtrip():
     cfg = CONFIGS["deepseek_style"]
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_forward_allocates_nothing_on_a_hard_coded_device():
+    """Every tensor the forward (and the loss, metrics and router-state step) creates follows its inputs: with
+    the default device set to `meta`, a factory call without device= would make a meta tensor and the
+    forward would fail or come out on meta. Built and run on CPU, it must give the CPU result exactly."""
+    from moelab.moe import step_routers
+    cfg = small_cfg().replace(moe=small_cfg().moe.replace(balance="loss_free", z_loss_coef=1e-3))
+    torch.manual_seed(0)
+    model = MoELM(cfg).train()
+    ids = torch.randint(0, 256, (2, 9))
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, 6:] = False
+    want = model(ids, valid_BS=valid)
+    torch.set_default_device("meta")
+    try:
+        got = model(ids, valid_BS=valid)
+        (got.logits_BSV.sum() + got.aux_loss).backward()
+        step_routers(model)
+    finally:
+        torch.set_default_device("cpu")
+    assert got.logits_BSV.device.type == "cpu" and got.aux_loss.device.type == "cpu"
+    torch.testing.assert_close(got.logits_BSV, want.logits_BSV)
+    for r in got.moe.values():
+        assert all(t.device.type == "cpu" for t in r.stats)

@@ -16,13 +16,13 @@ from moelab.config import MoEConfig
 from moelab.moe import MoELayer
 from moelab.parallel import (
     EPDispatcher,
-    Placement,
     enable_global_balance,
     expert_parameters,
     shard_moe_layer,
     step_routers_global,
     sync_grads,
 )
+from moelab.placement import Placement
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -276,7 +276,7 @@ def test_placement_errors_before_any_collective(monkeypatch):
     with pytest.raises(ValueError, match="init_distributed"):  # no process group: refuse, do not hang
         EPDispatcher(4, Placement.contiguous(4, 2))
     from moelab.ep_train import launch
-    from moelab.resolve import resolve
+    from moelab.resolver import resolve
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     kw = {"out": "unused", "resume": False, "threads": None}
     run = resolve("tiny")
@@ -400,7 +400,7 @@ def test_cli_train_ep_spawns_and_merges(tmp_path, monkeypatch):
     from moelab.checkpoint import load_model
     from moelab.cli import main
     from moelab.config import TrainConfig
-    from moelab.resolve import resolve
+    from moelab.resolver import resolve
     from moelab.train import Trainer
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     data = _data_dir(tmp_path)

@@ -6,7 +6,7 @@ import pytest
 
 from moelab.cli import build_parser, main
 from moelab.config import ModelConfig, MoEConfig, TrainConfig
-from moelab.resolve import SECTIONS, field_help, overrides_from_args, parse_value, qualify, resolve
+from moelab.resolver import SECTIONS, field_help, overrides_from_args, parse_value, qualify, resolve
 
 
 def test_precedence_preset_then_file_then_overrides(tmp_path):

@@ -211,7 +211,7 @@ def test_cli_unknown_names_list_the_valid_ones(capsys):
 
 def test_cli_moe_set_overrides(tmp_path, capsys):
     from moelab.cli import build_parser, main
-    from moelab.resolve import overrides_from_args, resolve
+    from moelab.resolver import overrides_from_args, resolve
     args = build_parser().parse_args(["train", "--out", "x", "--moe-set", "n_zero=1", "gating_residual=true",
                                       "router=moepp", "capacity_factor=1.5"])
     moe = resolve("tiny", overrides=overrides_from_args(args)).model.moe
@@ -289,3 +289,20 @@ def test_global_balance_counts_span_the_micro_batches_of_one_step(tmp_path, corp
             (c1, s1), (c2, s2) = seen[step * 2 * L + j], seen[step * 2 * L + L + j]
             torch.testing.assert_close(s1, c1.float())           # first micro-batch of a step: its own counts
             torch.testing.assert_close(s2, (c1 + c2).float())    # second: accumulated
+
+
+def test_bfloat16_autocast_keeps_router_and_losses_in_float32(tmp_path, corpus):
+    from moelab.runtime import Runtime
+    tr = Trainer(tiny_model(), train_cfg(), tmp_path, corpus=corpus, verbose=False,
+                 runtime=Runtime("cpu", "bfloat16"))
+    batch = corpus.sample(2, 16, torch.Generator().manual_seed(0))
+    with tr.runtime.autocast():
+        out = tr.model(batch.idx_BS, valid_BS=batch.valid_BS)
+    assert out.logits_BSV.dtype == torch.bfloat16  # the matmuls ran in bf16
+    for r in out.moe.values():
+        assert r.routing.logits_TE.dtype == torch.float32 and r.routing.weight_TK.dtype == torch.float32
+        assert all(v.dtype == torch.float32 for v in r.losses.values())
+    rec = tr.train_step()
+    assert math.isfinite(rec["loss"]) and all(p.dtype == torch.float32 for p in tr.model.parameters())
+    with pytest.raises(ValueError, match="--dtype='float16' is invalid"):
+        Runtime("cpu", "float16")
