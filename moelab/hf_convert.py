@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from rich.console import Console
 from rich.progress import Progress
 from safetensors import safe_open
 from torch import Tensor
@@ -127,7 +129,8 @@ def write_sharded(out: Path, specs: list[Spec], max_shard_bytes: int, tick: Call
 
 
 def _progress(total: int, what: str, verbose: bool):
-    bar = Progress(transient=True, disable=not verbose)
+    """A transient bar on stderr naming the tensor being written (only on a terminal, as moelab.progress)."""
+    bar = Progress(transient=True, console=Console(stderr=True), disable=not verbose or not sys.stderr.isatty())
     task = bar.add_task(what, total=total)
     return bar, lambda name: bar.update(task, advance=1, description=f"{what} {name}")
 
