@@ -28,7 +28,7 @@ CASES = {  # arch -> a config using what that architecture can express
     "mixtral": cfg({"score_order": "topk_softmax"}, n_kv_heads=2, head_dim=12, sliding_window=7,
                    tie_embeddings=False),
     "qwen3_moe": cfg({"renormalize": False}, first_dense=1, moe_every=2, qk_norm=True, n_kv_heads=2,
-                     tie_embeddings=True, rope_theta=5e5),
+                     tie_embeddings=True, rope_theta=5e5, sliding_window=5),
     "glm4_moe": cfg({"router": "sigmoid_group", "n_experts": 8, "n_group": 4, "topk_group": 2, "top_k": 3,
                      "n_shared": 2, "routed_scaling_factor": 2.5, "balance": "loss_free"},
                     first_dense=1, qk_norm=True, qkv_bias=True, rope_fraction=0.5, n_kv_heads=2,
