@@ -90,6 +90,10 @@ def _train(args: argparse.Namespace) -> int:
         trainer.log_sinks.append(EventWriter(out / "tb").write)
     if args.init_from and not (args.resume and list_checkpoints(out)):  # a resumed run keeps its own weights
         init_from(trainer.model, args.init_from)
+        tok = run.model.tokenizer
+        if tok != "bytes" and not Path(tok).is_absolute():  # the run's tokenizer folder comes along
+            from moelab.hf_tokenizer import copy_tokenizer
+            copy_tokenizer(Path(args.init_from) / tok, out / tok)
     summary = trainer.fit(resume=args.resume)
     Console().print(val_table(summary))
     Console().print(f"run folder: {out} (metrics.jsonl, summary.json, ckpt/); plots: moelab plot {out}")

@@ -325,6 +325,12 @@ def test_bpe_tokenizer_travels_through_import_generate_export_and_upcycle(tmp_pa
     assert back(text).input_ids == tok(text).input_ids
     gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert gen["suppress_tokens"] == never and gen["eos_token_id"] == tok.eos_token_id
+    assert cli(["train", "--init-from", str(tmp_path / "run"), "--train.steps", "1", "--out",
+                str(tmp_path / "trained")] + SMALL_TRAIN) == 0
+    assert (tmp_path / "trained" / "tokenizer" / "tokenizer.json").exists()
+    capsys.readouterr()
+    assert cli(["generate", str(tmp_path / "trained"), "--prompt", prompt, "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith(prompt)
     _, src_l = hf_random("llama", tmp_path, vocab_size=320)
     bpe_tokenizer(src_l)
     assert cli(["upcycle", "--hf", str(src_l), "--experts", "4", "--top-k", "2", "--out", str(tmp_path / "up")]) == 0
