@@ -154,7 +154,7 @@ class Trainer:
         parts = [sums, counts_LE.flatten(), router_LR.flatten(), torch.stack(list(named.values())) if named
                  else torch.zeros(0)]
         sums, counts_LE, router_LR, named_N = _split_like(self.reduce_metrics(torch.cat(parts)), parts)
-        counts_LE, router_LR = counts_LE.view(L, E), router_LR.view(L, -1)
+        counts_LE, router_LR = counts_LE.view(L, E), router_LR.view(L, len(ROUTER_STATS))
         n_micro = float(sums[2])
         stats = [_stats(c) for c in counts_LE]
         rec = {"kind": "train", "step": self.step, "loss": float(sums[0]) / n_micro,
