@@ -40,13 +40,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_INPUT, EXIT_RUNTIME = 2, 1  # bad input (config, flags, files); the run or the machine failed (disk, NaN)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every expected failure is one line on stderr and an exit status: 2 bad input
+    (ValueError), 1 a write failed (OSError: disk full, read-only) or training diverged, 128+signal when
+    SIGINT (130) / SIGTERM (143) stopped training after a checkpoint."""
     args = build_parser().parse_args(argv)
+    from moelab.train import Interrupted, NonFiniteError
     try:
         return int(args.func(args) or 0)
     except ValueError as e:  # config / input errors: one clear line, no stack trace
         print(f"moelab {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
+    except Interrupted as e:  # the trainer saved a checkpoint and says how to resume
+        print(f"moelab {args.command}: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print(f"moelab {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, NonFiniteError) as e:
+        msg = e.strerror if isinstance(e, OSError) and e.strerror and not e.filename else str(e)
+        if isinstance(e, OSError) and e.filename and e.strerror:
+            msg = f"cannot write {e.filename}: {e.strerror}"
+        print(f"moelab {args.command}: error: {msg}", file=sys.stderr)
+        return EXIT_RUNTIME
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ def set_threads(threads: int | None) -> None:
 
 def resume_config(out: Path, overrides: dict) -> RunConfig:
     """The run's own config, with only the fields in RESUME_MAY_CHANGE changed; other changes are refused."""
+    from moelab.checkpoint import check_run_config
+    check_run_config(out / "config.json")  # an unknown field is one line naming it, not a TypeError
     saved = resolve(file=out / "config.json")
     new = apply(saved, overrides)
     bad = {k: v for k, v in diff(saved, new).items() if k not in RESUME_MAY_CHANGE}
@@ -39,6 +41,8 @@ def _train(args: argparse.Namespace) -> int:
     from moelab.train import Trainer, val_table
     overrides = overrides_from_args(args)
     out = Path(args.out)
+    if args.threads is not None and args.threads < 1:  # before any process starts, with --nproc too
+        raise ValueError(f"--threads={args.threads} is invalid: allowed an integer >= 1")
     if args.resume and (out / "config.json").exists():
         run = resume_config(out, overrides)
     else:
@@ -121,7 +125,8 @@ def register(sub) -> None:
     add_config_flags(t)
     t.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint with its saved "
-                   f"config; only {', '.join(RESUME_MAY_CHANGE)} may change")
+                   f"config; only {', '.join(RESUME_MAY_CHANGE)} may change. The lr schedule keeps the length of "
+                   "the run's first --steps: a larger --steps continues at the cosine floor (min_lr_ratio * lr)")
     _threads_flag(t, "torch's choice; 1 per rank with --nproc")
     t.add_argument("--nproc", type=int, help="spawn N local gloo processes for expert x data parallel training "
                    "(--batch-size is per rank; under torchrun the world size is torchrun's)")
