@@ -19,8 +19,12 @@ def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
     path = Path(run) / "metrics.jsonl"
     if not path.exists():
         raise ValueError(f"run {str(run)!r} has no metrics.jsonl: train it first (moelab train --out {run})")
-    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    return [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "val"]
+    from moelab.checkpoint import read_metrics
+    rows = read_metrics(path)  # a torn last line (a crash mid-write) is skipped
+    train = [r for r in rows if r.get("kind") == "train"]
+    if not train:
+        raise ValueError(f"{path} has no training steps yet: nothing to plot (train first, or wait for a step)")
+    return train, [r for r in rows if r.get("kind") == "val"]
 
 
 def save_figure(fig, path: Path) -> Path:
