@@ -368,3 +368,55 @@ def test_sigkill_then_resume_equals_a_straight_run(tmp_path, data):
     def losses(p):
         return [r["loss"] for r in checkpoint.read_metrics(p / "metrics.jsonl") if r["kind"] == "train"]
     assert len(losses(out)) == ck + 3 and losses(out) == losses(tmp_path / "s")  # bit for bit
+
+
+# ---- distributed faults (real gloo processes) ------------------------------------------------------------
+
+def _ep_fit(rank, world, model_cfg, cfg, out, kill_at, resume):
+    """EPTrainer.fit on this rank; with kill_at, rank 1 dies (SIGKILL-like os._exit) while saving that step's
+    checkpoint, after rank 0 has saved it: the ranks' latest checkpoints then differ."""
+    from moelab.ep_train import EPTrainer
+
+    class Dying(EPTrainer):
+        def save_checkpoint(self, rng=None):
+            if rank == 1 and self.step == kill_at:
+                os._exit(9)
+            return super().save_checkpoint(rng)
+    t = Dying(model_cfg, cfg, out, timeout_s=20)
+    t.fit(resume=resume)
+    return [r["loss"] for r in checkpoint.read_metrics(t.out / "metrics.jsonl") if r["kind"] == "train"]
+
+
+@pytest.mark.slow
+def test_rank_killed_mid_step_fails_the_others_then_resume_from_the_common_checkpoint(tmp_path, data):
+    import multiprocessing as std_mp
+    import queue
+
+    import torch.multiprocessing as mp
+    from dist import _entry, free_port, run_distributed
+    model, cfg = tiny_cfgs(steps=6, ckpt_every=1, keep_last=3, data=(str(data),))
+    out = tmp_path / "ep"
+    ctx = mp.get_context("spawn")
+    q: std_mp.Queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, 2, port, _ep_fit, (model, cfg, str(out), 4, False), q, 20.0, {}),
+                         daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        rank, status, value = q.get(timeout=90)  # rank 0 must fail (not hang) once rank 1 is gone
+    except queue.Empty:
+        pytest.fail("rank 0 hung after rank 1 died")
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    assert (rank, status) == (0, "error") and procs[1].exitcode == 9
+    steps = {r: [p.name for p in list_checkpoints(out / f"rank{r}")] for r in (0, 1)}
+    assert steps[0][-1] == "step_00000004" and steps[1][-1] == "step_00000003"  # rank 1 died before saving 4
+    killed = [r["loss"] for r in checkpoint.read_metrics(out / "rank0" / "metrics.jsonl") if r["kind"] == "train"]
+    got = run_distributed(_ep_fit, 2, args=(model, cfg, str(out), None, True), timeout_s=120,
+                          collective_timeout_s=20)
+    assert len(got[0]) == 6 and got[0][:4] == killed[:4]  # resumed at step 3 (the common one): step 4 redone exactly
+    assert [p.name for p in list_checkpoints(out / "rank0")][-1] == "step_00000006"
