@@ -100,6 +100,9 @@ def test_single_process_resume_of_ep_run_says_use_nproc(fresh, capsys):
     before = snapshot(fresh)
     fails(["train", "--resume", "--out", str(fresh), "--threads", "1"], capsys, 2, "expert-parallel", "--nproc")
     fails(["train", "--steps", "4", "--out", str(fresh), "--threads", "1"], capsys, 2, "another --out")
+    fails(["train", "--nproc", "2", "--out", str(fresh), "--threads", "1"], capsys, 2, "--resume or another --out")
+    fails(["train", "--nproc", "3", "--resume", "--out", str(fresh), "--threads", "1"], capsys, 2,
+          "trained on 1 ranks", "--nproc 1")
     assert snapshot(fresh) == before
 
 
@@ -420,3 +423,16 @@ def test_rank_killed_mid_step_fails_the_others_then_resume_from_the_common_check
                           collective_timeout_s=20)
     assert len(got[0]) == 6 and got[0][:4] == killed[:4]  # resumed at step 3 (the common one): step 4 redone exactly
     assert [p.name for p in list_checkpoints(out / "rank0")][-1] == "step_00000006"
+
+
+def test_hf_folder_without_tokenizer_files(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from test_hf_trace import tiny_model
+    tiny_model("olmoe").save_pretrained(tmp_path / "m")  # weights + config.json, no tokenizer files
+    before = snapshot(tmp_path / "m")
+    capsys.readouterr()
+    assert main(["trace", "--hf", str(tmp_path / "m"), "--seq-len", "8", "--max-tokens", "32", "--out",
+                 str(tmp_path / "t.npz")]) == 2
+    ours = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("moelab")]  # transformers logs too
+    assert len(ours) == 1 and "no tokenizer files" in ours[0]
+    assert snapshot(tmp_path / "m") == before and not (tmp_path / "t.npz").exists()
