@@ -43,8 +43,14 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.threads is not None and args.threads < 1:  # before any process starts, with --nproc too
         raise ValueError(f"--threads={args.threads} is invalid: allowed an integer >= 1")
-    if args.resume and (out / "config.json").exists():
-        run = resume_config(out, overrides)
+    if args.config and str(args.config).endswith(".json") and Path(args.config).is_file():
+        from moelab.checkpoint import check_run_config
+        check_run_config(args.config)  # a run's config.json with an unknown field: one line naming it
+    saved = out / "config.json"
+    if not saved.exists() and (out / "rank0" / "config.json").exists():  # an EP run stopped before its merge
+        saved = out / "rank0" / "config.json"
+    if args.resume and saved.exists():
+        run = resume_config(saved.parent, overrides)
     else:
         run = resolve(args.preset, args.config, overrides)
     if args.nproc is not None or args.ep is not None or "WORLD_SIZE" in os.environ:  # expert x data parallel

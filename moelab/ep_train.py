@@ -39,7 +39,7 @@ from moelab.parallel import (
     step_routers_global,
     sync_grads,
 )
-from moelab.train import Interrupted, Trainer, check_out, run_kind, val_table
+from moelab.train import Interrupted, RunFailed, Trainer, check_out, run_kind, val_table
 
 
 class RankSlice:
@@ -274,9 +274,9 @@ def _join(ctx, grace_s: float = 60.0) -> int:
                     last = pickle.load(f).strip().splitlines()[-1]
                 if last.startswith("ValueError: "):
                     raise ValueError(last[len("ValueError: "):])
-                raise RuntimeError(f"rank {r} of {len(procs)} failed: {last}")
+                raise RunFailed(f"rank {r} of {len(procs)} failed: {last}")
             first = next(i for i, x in enumerate(codes) if x not in (0, 130, 143))
-            raise RuntimeError(f"rank {first} of {len(procs)} died (exit status {codes[first]}); the other ranks "
+            raise RunFailed(f"rank {first} of {len(procs)} died (exit status {codes[first]}); the other ranks "
                                f"stopped: resume with the same --nproc and --resume")
     return max(codes)
 

@@ -50,7 +50,11 @@ def lr_at(step: int, cfg: TrainConfig, horizon: int | None = None) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-class NonFiniteError(RuntimeError):
+class RunFailed(RuntimeError):
+    """Training stopped on a failure that is not bad input (a rank died, a NaN): one line, exit status 1."""
+
+
+class NonFiniteError(RunFailed):
     """Training met a NaN/Inf; the message names the step and the layer."""
 
 

@@ -216,6 +216,11 @@ def test_unknown_field_in_state_json_and_config_json(fresh, capsys):
     before = snapshot(fresh)
     fails(["eval", str(fresh)], capsys, 2, "state.json", "warp_drive")
     fails(["train", "--resume", "--out", str(fresh), "--threads", "1"], capsys, 2, "config.json", "turbo")
+    fails(["train", "--config", str(fresh / "config.json"), "--out", str(fresh.parent / "new")], capsys, 2, "turbo")
+    cfg["model_config"]["n_wings"] = 2
+    (fresh / "config.json").write_text(json.dumps(cfg))
+    before = snapshot(fresh)
+    fails(["plot", str(fresh)], capsys, 2, "config.json", "n_wings")
     assert snapshot(fresh) == before
 
 
@@ -436,3 +441,29 @@ def test_hf_folder_without_tokenizer_files(tmp_path, capsys):
     ours = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("moelab")]  # transformers logs too
     assert len(ours) == 1 and "no tokenizer files" in ours[0]
     assert snapshot(tmp_path / "m") == before and not (tmp_path / "t.npz").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code,group", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)])
+def test_ep_signal_stops_all_ranks_at_one_step_with_checkpoints(tmp_path, data, sig, code, group):
+    """Ctrl-C reaches the whole process group; SIGTERM (preemption) the launcher, which forwards it: every rank
+    stops after the same step with its checkpoint, the launcher exits 128+signal, and --resume continues."""
+    out = tmp_path / "ep"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.Popen([sys.executable, "-m", "moelab.cli", "train", "--nproc", "2", "--steps", "100000",
+                             "--ckpt-every", "0", "--data", str(data), "--out", str(out), *SMALL], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_steps(out / "rank0", 2, proc)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert f"--nproc 2 --resume --out {out}" in err.strip().splitlines()[-1]
+    last = [list_checkpoints(out / f"rank{r}")[-1].name for r in (0, 1)]
+    assert last[0] == last[1]
+    assert main(["train", "--nproc", "2", "--resume", "--steps", str(int(last[0][5:]) + 1), "--out", str(out),
+                 "--threads", "1"]) == 0
+    assert list_checkpoints(out)[-1].name == f"step_{int(last[0][5:]) + 1:08d}"  # merged after the resumed run
