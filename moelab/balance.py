@@ -49,7 +49,7 @@ def seq_aux_loss(*, probs_BSE: Tensor, expert_idx_BSK: Tensor, n_experts: int, t
     over sequences: sum_i f_i P_i with f_i = E/(K*S) * count_i and P_i = mean_t s'_{i,t}.
     Deviation: count_i counts the experts actually selected (biased, group-limited, before capacity drops)
     where eq. 18 counts a plain top-K of s_{i,t}; the two differ only with a bias or n_group > 1."""
-    B, S, E = probs_BSE.shape
+    B, S, _ = probs_BSE.shape
     if valid_BS is None:
         valid_BS = torch.ones(B, S, dtype=torch.bool, device=probs_BSE.device)
     onehot_BSKE = torch.nn.functional.one_hot(expert_idx_BSK.clamp_min(0), n_experts).float()

@@ -151,6 +151,18 @@ def write_error(e: OSError, what: str, where: Path, need: int, kept: list[Path])
     return OSError(e.errno, msg)
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a small text file via a temp file + os.replace: a failed write (disk full) keeps the old file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _existing(p: Path) -> Path:
     while not p.exists() and p != p.parent:
         p = p.parent
@@ -223,7 +235,7 @@ def read_state(path: str | Path) -> dict:
 
 def _checked(cls, d: dict, where: str) -> dict:
     if not isinstance(d, dict):
-        raise ValueError(f"{where} is not an object: allowed the {cls.__name__} fields")
+        raise ValueError(f"{where} is not an object: allowed the {cls.__name__} fields")  # noqa: TRY004 - user file
     known = {f.name for f in dataclasses.fields(cls)}
     bad = sorted(set(d) - known)
     if bad:

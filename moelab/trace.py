@@ -248,12 +248,12 @@ def replay_moelab(model: nn.Module, trace: Trace, weights: str = "recorded") -> 
     layers = traced_layers(model)
     if len(layers) != trace.n_layers:
         raise ValueError(f"trace has {trace.n_layers} MoE layers, the model has {len(layers)}")
+    if weights == "router":  # fail before any forward, not inside the first one
+        _require_differentiable({m.cfg.router for m in layers})
     n_routes = layers[0].cfg.n_experts + layers[0].cfg.n_special
     if trace.n_experts > n_routes:
         raise ValueError(f"trace field n_experts={trace.n_experts} does not fit the model: allowed a trace of a "
                          f"model with {n_routes} router outputs (E={layers[0].cfg.n_experts})")
-    if weights == "router":  # fail before any forward, not inside the first one
-        _require_differentiable({m.cfg.router for m in layers})
     curs = cursors(trace)
 
     def override(cursor: RoutingCursor, name: str, cfg):

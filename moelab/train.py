@@ -266,14 +266,16 @@ class Trainer:
         start = self.resume_point(ckpts) if resume else None
         if start is not None:
             self.load_checkpoint(start)
-            _truncate_metrics(self.out / "metrics.jsonl", self.step)
             if self.cfg.steps > self.horizon:
+                floor = lr_at(self.horizon, self.cfg, self.horizon)
                 self.console.print(f"the schedule keeps its length {self.horizon}: steps {self.horizon + 1}.."
-                                   f"{self.cfg.steps} run at the floor lr {lr_at(self.horizon, self.cfg, self.horizon):.2e}")
+                                   f"{self.cfg.steps} run at the floor lr {floor:.2e}")
             self.console.print(f"resumed from {start} at step {self.step}")
-        elif not resume:
+        if resume:  # rows after the checkpoint (or all, with none) will be re-run; a torn last line goes too
+            _truncate_metrics(self.out / "metrics.jsonl", self.step)
+        else:
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
-        (self.out / "config.json").write_text(json.dumps(
+        checkpoint.write_text_atomic(self.out / "config.json", json.dumps(
             {"model_config": self.model_cfg.to_dict(), "train_config": asdict(self.cfg), "env": run_env()}, indent=1))
 
     def _save_or_stop(self, rng: dict[str, Tensor] | None = None) -> Path | None:
@@ -342,9 +344,9 @@ class Trainer:
                     self._log({"kind": "val", "step": self.step, **last_eval})
                     bar.console.print(f"step {self.step:5d}  val " + "  ".join(
                         f"{d} {v:.3f}" for d, v in last_eval["val_loss"].items()))
-                if done or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0):
-                    if self._save_or_stop() is None:
-                        self._stop_on_nonfinite(NonFiniteError(f"non-finite weights after step {self.step}"))
+                save = done or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0)
+                if save and self._save_or_stop() is None:  # weights went non-finite: the last checkpoint stays
+                    self._stop_on_nonfinite(NonFiniteError(f"non-finite weights after step {self.step}"))
                 signum = self.agree_stop(seen[0])
                 if signum:
                     self._stop_on_signal(signum)
@@ -353,7 +355,7 @@ class Trainer:
                    "train_time_s": round(time.perf_counter() - t_start, 1),
                    "tokens_per_s": round(tokens / max(time.perf_counter() - t_start, 1e-9)),
                    "unigram_loss": {d: self.corpus.unigram_loss(d) for d in self.corpus.domains}, **last_eval}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        checkpoint.write_text_atomic(self.out / "summary.json", json.dumps(summary, indent=1))
         return summary
 
 
@@ -388,7 +390,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint we resume from (they will be re-run), and a torn last line."""
     if path.exists():
         keep = [r for r in checkpoint.read_metrics(path) if r.get("step", 0) <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        checkpoint.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 @torch.no_grad()

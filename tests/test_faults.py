@@ -3,6 +3,7 @@ and what to do, and that no file the user had changed. Read-only / full disks ar
 OSError(EROFS / ENOSPC) at the write (tests run as root: chmod would not stop them)."""
 import errno
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -111,7 +112,6 @@ def test_merged_ep_checkpoint_without_optimizer_state_names_the_fix(fresh):
     state = json.loads((ck / "state.json").read_text())
     (ck / "state.json").write_text(json.dumps({**state, "merged_from_ep_ranks": 2}))
     (ck / "trainer.safetensors").unlink()
-    model, cfg = tiny_cfgs()
     with pytest.raises(ValueError, match="merged model of an expert-parallel run.*--nproc 2"):
         checkpoint.load_checkpoint(ck, model=torch.nn.Linear(1, 1), opt=torch.optim.SGD([torch.zeros(1)], lr=1))
 
@@ -126,7 +126,7 @@ def test_resume_with_more_steps_keeps_the_schedule(tmp_path, corpus):
     assert len(lrs) == 9
     floor = cfg.lr * cfg.min_lr_ratio
     assert lrs[6:] == pytest.approx([floor] * 3)  # after the first 6 steps: the cosine floor, no jump back up
-    assert all(a >= b - 1e-12 for a, b in zip(lrs[2:], lrs[3:]))  # never rises after warm-up
+    assert all(a >= b - 1e-12 for a, b in itertools.pairwise(lrs[2:]))  # never rises after warm-up
     state = checkpoint.read_state(list_checkpoints(tmp_path / "r")[-1])
     assert state["schedule_steps"] == 6
 
@@ -308,11 +308,10 @@ def test_replaying_a_trace_of_more_experts(run):
     model, _ = checkpoint.load_model(run)
     N, K = 8, 2
     tr = Trace(expert_idx_LNK=np.full((1, N, K), 15, np.int16), weight_LNK=np.ones((1, N, K), np.float32),
-               token_ids_N=np.zeros(N, np.int32), seq_ids_N=np.zeros(N, np.int32), positions_N=np.arange(N, dtype=np.int32),
-               domain_N=np.zeros(N, np.int16), domains=("a",), n_experts=16, logits_LNE=None, vocab={}, meta={})
-    with pytest.raises(ValueError, match="n_experts=16"):
-        with replay_moelab(model, tr):
-            pass
+               token_ids_N=np.zeros(N, np.int32), seq_ids_N=np.zeros(N, np.int32),
+               positions_N=np.arange(N, dtype=np.int32), domain_N=np.zeros(N, np.int16), domains=("a",), n_experts=16, logits_LNE=None, vocab={}, meta={})
+    with pytest.raises(ValueError, match="n_experts=16"), replay_moelab(model, tr):
+        pass
 
 
 def test_corrupt_trace_field_is_named(tmp_path):
@@ -412,7 +411,7 @@ def test_rank_killed_mid_step_fails_the_others_then_resume_from_the_common_check
     for p in procs:
         p.start()
     try:
-        rank, status, value = q.get(timeout=90)  # rank 0 must fail (not hang) once rank 1 is gone
+        rank, status, _ = q.get(timeout=90)  # rank 0 must fail (not hang) once rank 1 is gone
     except queue.Empty:
         pytest.fail("rank 0 hung after rank 1 died")
     finally:
@@ -467,3 +466,18 @@ def test_ep_signal_stops_all_ranks_at_one_step_with_checkpoints(tmp_path, data, 
     assert main(["train", "--nproc", "2", "--resume", "--steps", str(int(last[0][5:]) + 1), "--out", str(out),
                  "--threads", "1"]) == 0
     assert list_checkpoints(out)[-1].name == f"step_{int(last[0][5:]) + 1:08d}"  # merged after the resumed run
+
+
+def test_disk_full_while_rewriting_run_files_keeps_them(fresh, capsys, monkeypatch):
+    """--resume rewrites metrics.jsonl (drops rows after the checkpoint) and config.json: via temp + rename, so a
+    full disk leaves both as they were (a truncate-then-write would leave them empty)."""
+    before = snapshot(fresh)
+
+    def full(self, text, *a, **k):
+        with open(self, "w") as f:
+            f.write(text[:10])
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+    monkeypatch.setattr(Path, "write_text", full)
+    fails(["train", "--resume", "--steps", "6", "--out", str(fresh), "--threads", "1"], capsys, 1,
+          "No space left on device")
+    assert snapshot(fresh) == before
