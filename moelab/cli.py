@@ -45,8 +45,8 @@ EXIT_INPUT, EXIT_RUNTIME = 2, 1  # bad input (config, flags, files); the run or 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Every expected failure is one line on stderr and an exit status: 2 bad input
-    (ValueError), 1 a write failed (OSError: disk full, read-only), training diverged or a rank died (RunFailed), 128+signal when
-    SIGINT (130) / SIGTERM (143) stopped training after a checkpoint."""
+    (ValueError); 1 a write failed (OSError: disk full, read-only), training diverged or a rank died
+    (RunFailed); 128+signal when SIGINT (130) / SIGTERM (143) stopped training after a checkpoint."""
     args = build_parser().parse_args(argv)
     from moelab.train import Interrupted, RunFailed
     try:
@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moelab {args.command}: interrupted", file=sys.stderr)
         return 130
     except (OSError, RunFailed) as e:
-        msg = e.strerror if isinstance(e, OSError) and e.strerror and not e.filename else str(e)
-        if isinstance(e, OSError) and e.filename and e.strerror:
-            msg = f"cannot write {e.filename}: {e.strerror}"
+        msg = str(e)
+        if isinstance(e, OSError) and e.strerror:  # moelab's own OSErrors carry the whole line as strerror
+            msg = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
         print(f"moelab {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_RUNTIME
 
