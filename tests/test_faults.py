@@ -429,6 +429,7 @@ def test_rank_killed_mid_step_fails_the_others_then_resume_from_the_common_check
     assert [p.name for p in list_checkpoints(out / "rank0")][-1] == "step_00000006"
 
 
+@pytest.mark.slow  # importing transformers takes ~10 s
 def test_hf_folder_without_tokenizer_files(tmp_path, capsys):
     pytest.importorskip("transformers")
     from test_hf_trace import tiny_model
