@@ -172,11 +172,19 @@ def merge_ep_run(out) -> Path:
                 merged[[e for e, re in enumerate(rank_E) if re == r]] = t[key]
             full[key] = merged
     dst = out / "ckpt" / shards[0].name
-    dst.mkdir(parents=True, exist_ok=True)
-    save_file(full, str(dst / "model.safetensors"))
-    state = read_state(shards[0])
-    state["files"] = {"model.safetensors": file_sha256(dst / "model.safetensors")}
-    (dst / "state.json").write_text(json.dumps({**state, "merged_from_ep_ranks": meta["ep_size"]}, indent=1))
+    tmp = out / "ckpt" / f".tmp_{shards[0].name}_{os.getpid()}"  # written whole, then renamed (like checkpoints)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(full, str(tmp / "model.safetensors"))
+        state = read_state(shards[0])
+        state["files"] = {"model.safetensors": file_sha256(tmp / "model.safetensors")}
+        (tmp / "state.json").write_text(json.dumps({**state, "merged_from_ep_ranks": meta["ep_size"]}, indent=1))
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for f in ("metrics.jsonl", "summary.json", "config.json"):
         if (out / "rank0" / f).exists():
             shutil.copyfile(out / "rank0" / f, out / f)
