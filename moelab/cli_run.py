@@ -40,6 +40,8 @@ def runtime_of(args: argparse.Namespace) -> Runtime:
 
 def resume_config(out: Path, overrides: dict) -> RunConfig:
     """The run's own config, with only the fields in RESUME_MAY_CHANGE changed; other changes are refused."""
+    from moelab.checkpoint import check_run_config
+    check_run_config(out / "config.json")  # an unknown field is one line naming it, not a TypeError
     saved = resolve(file=out / "config.json")
     new = apply(saved, overrides)
     bad = {k: v for k, v in diff(saved, new).items() if k not in RESUME_MAY_CHANGE}
@@ -73,8 +75,16 @@ def _train(args: argparse.Namespace) -> int:
     from moelab.train import Trainer, val_table
     overrides = overrides_from_args(args)
     out = Path(args.out)
-    if args.resume and (out / "config.json").exists():
-        run = resume_config(out, overrides)
+    if args.threads is not None and args.threads < 1:  # before any process starts, with --nproc too
+        raise ValueError(f"--threads={args.threads} is invalid: allowed an integer >= 1")
+    if args.config and str(args.config).endswith(".json") and Path(args.config).is_file():
+        from moelab.checkpoint import check_run_config
+        check_run_config(args.config)  # a run's config.json with an unknown field: one line naming it
+    saved = out / "config.json"
+    if not saved.exists() and (out / "rank0" / "config.json").exists():  # an EP run stopped before its merge
+        saved = out / "rank0" / "config.json"
+    if args.resume and saved.exists():
+        run = resume_config(saved.parent, overrides)
     elif args.init_from and args.preset is None and args.config is None:  # the source run's config
         run = resolve(file=Path(args.init_from) / "config.json", overrides=overrides)
     else:
@@ -192,7 +202,8 @@ def register(sub) -> None:
     t.add_argument("--tensorboard", action="store_true", help="also log metrics as TensorBoard events in OUT/tb "
                    "(needs the optional `tensorboard` package: pip install moelab[tb])")
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint with its saved "
-                   f"config; only {', '.join(RESUME_MAY_CHANGE)} may change")
+                   f"config; only {', '.join(RESUME_MAY_CHANGE)} may change. The lr schedule keeps the length of "
+                   "the run's first --steps: a larger --steps continues at the cosine floor (min_lr_ratio * lr)")
     add_runtime_flags(t)
     t.add_argument("--nproc", type=int, help="spawn N local gloo processes for expert x data parallel training "
                    "(--batch-size is per rank; under torchrun the world size is torchrun's)")

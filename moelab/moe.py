@@ -16,7 +16,7 @@ from moelab import balance, special_experts
 from moelab.balance import BalanceStats
 from moelab.config import MoEConfig
 from moelab.experts import MLP, Experts, ExpertsPath, RoutedExperts
-from moelab.router_state import router_states
+from moelab.router_state import router_states, step_all
 from moelab.routers import ROUTERS, RouteContext, Routing, apply_capacity, capacity, mask_routing
 
 
@@ -90,6 +90,7 @@ class MoELayer(nn.Module):
         y_TD, routing = None, full
         if self.special is not None:  # null/zero/copy/const experts: computed here, their slots -> -1
             y_TD, routing, _ = self.special(x_TD, full)
+        chosen = routing  # the router's choice before capacity drops: what every balance loss and counter sees
         wanted_E, n_dropped = None, torch.zeros((), dtype=torch.long, device=x.device)
         if cfg.capacity_factor is not None:  # losses and counters see the wanted slots, stats the kept ones
             wanted_E = balance.expert_counts(expert_idx_TK=routing.expert_idx_TK, n_experts=cfg.n_experts)
@@ -101,7 +102,7 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         counts_E = routed.counts_E.float() if wanted_E is None else wanted_E
-        losses = self.losses(full, routing, valid_T, x.shape[:-1], counts_E)
+        losses = self.losses(full, chosen, valid_T, x.shape[:-1], counts_E)
         weights = {**self.loss_weights, **{k: w for s in self.state.values() for k, w in s.loss_weights().items()}}
         aux = sum((weights[name] * v for name, v in losses.items()), torch.zeros((), device=x.device))
         router_stats = special_experts.router_stats(cfg=cfg, full=full, valid_T=valid_T)
@@ -127,7 +128,8 @@ class MoELayer(nn.Module):
         out: dict[str, Tensor] = {}
         if "global" in self.state and self.training and torch.is_grad_enabled():
             counts_E = self.state["global"].counts(counts_E)  # summed over micro-batches (and ranks)
-        over_all_outputs = cfg.n_special and cfg.balance == "aux"  # special_experts.router_losses owns "aux"
+        # special_experts.router_losses owns "aux" with special experts; ReMoE's balanced L1 replaces it for relu
+        over_all_outputs = (cfg.n_special or cfg.router == "relu") and cfg.balance == "aux"
         if cfg.balance in ("aux", "global") and cfg.aux_loss_coef > 0 and not over_all_outputs:
             out["aux"] = balance.switch_aux_loss(probs_TE=routing.probs_TE, expert_idx_TK=routing.expert_idx_TK,
                                                  n_experts=cfg.n_experts, valid_T=valid_T, counts_E=counts_E)
@@ -162,5 +164,4 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
 
 def step_routers(model: nn.Module, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
     """Call after each optimizer step: steps every MoE layer's router state (MoELayer.step)."""
-    for m in moe_layers(model):
-        m.step(reduce)
+    step_all([m.state for m in moe_layers(model)], reduce)  # ReMoE: one lambda from all layers' sparsity

@@ -89,7 +89,8 @@ def _slots_from_mask(keep_TN: Tensor, w_TN: Tensor) -> tuple[Tensor, Tensor]:
 
 def route_expert_choice(logits_TE: Tensor, cfg: MoEConfig, ctx: RouteContext) -> Routing:
     """Expert choice (Zhou et al. 2022, arXiv 2202.09368) sec. 3: each expert takes its top-C tokens by
-    token-to-expert softmax score, C = ceil(T * ec_capacity_factor / E); a token gets 0..E experts.
+    token-to-expert softmax score, C = ceil(T * ec_capacity_factor / E) with T the real (non-padding) tokens;
+    a token gets 0..E experts.
     Not causal: a token's experts depend on the other tokens of the batch, so outside training it falls
     back to top-k (cfg.ec_eval="topk", the usual fix for autoregressive decoding)."""
     if not ctx.training and cfg.ec_eval == "topk":
@@ -97,14 +98,29 @@ def route_expert_choice(logits_TE: Tensor, cfg: MoEConfig, ctx: RouteContext) ->
     T, N = logits_TE.shape
     probs_TE = torch.softmax(logits_TE, dim=-1)
     choice_TE = _biased(probs_TE, ctx)
-    if ctx.valid_T is not None:  # padding is never chosen (and mask_routing clears it if C > real tokens)
+    n_real = T
+    if ctx.valid_T is not None:  # padding is never chosen and takes no capacity: C counts real tokens only
         choice_TE = choice_TE.masked_fill(~ctx.valid_T.reshape(-1, 1), float("-inf"))
-    C = min(T, math.ceil(T * cfg.ec_capacity_factor / N))
+        n_real = int(ctx.valid_T.sum())
+    C = min(n_real, math.ceil(n_real * cfg.ec_capacity_factor / N))
     keep_TE = torch.zeros_like(probs_TE, dtype=torch.bool)
     if C > 0:
         keep_TE.scatter_(0, torch.topk(choice_TE, C, dim=0).indices, True)
     idx_TK, w_TK = _slots_from_mask(keep_TE, probs_TE)
     return Routing(idx_TK, w_TK * cfg.routed_scaling_factor, logits_TE, probs_TE)
+
+
+def route_adamoe(logits_TE: Tensor, cfg: MoEConfig, ctx: RouteContext) -> Routing:
+    """AdaMoE (Zeng et al. 2024, arXiv 2406.13233) sec. 3, as in the authors' released code: softmax over the
+    E true + n_null null outputs, top-k, then the chosen true experts' weights renormalised over the true experts
+    selected (nulls take no weight mass; a token with only nulls keeps weight 0). Ignores renormalize/score_order."""
+    probs_TN = torch.softmax(logits_TE, dim=-1)
+    idx_TK = torch.topk(_biased(probs_TN, ctx), cfg.top_k, dim=-1).indices
+    w_TK = probs_TN.gather(1, idx_TK)
+    true_TK = idx_TK < cfg.n_experts
+    mass_T1 = (w_TK * true_TK).sum(-1, keepdim=True)
+    w_TK = torch.where(true_TK, w_TK / torch.where(mass_T1 > 0, mass_T1, torch.ones_like(mass_T1)), w_TK)
+    return Routing(idx_TK, w_TK * cfg.routed_scaling_factor, logits_TE, probs_TN)
 
 
 def route_top_p(logits_TE: Tensor, cfg: MoEConfig, ctx: RouteContext) -> Routing:
@@ -210,7 +226,7 @@ ROUTERS: dict[str, RouterFn] = {
     "hash": route_hash,
     "random": route_random,
     "base": route_base,
-    "adamoe": route_topk,   # AdaMoE (arXiv 2406.13233): top-k over E true + n_null null experts
+    "adamoe": route_adamoe,  # AdaMoE (arXiv 2406.13233): top-k over E true + n_null null experts
     "moepp": route_topk,    # MoE++ (arXiv 2410.07348): top-k over E FFN + zero/copy/const experts
 }
 if tuple(ROUTERS) != ROUTER_NAMES:  # config validates names without importing this module
@@ -228,7 +244,8 @@ def mask_routing(r: Routing, valid_T: Tensor | None) -> Routing:
 
 
 def capacity(capacity_factor: float, n_tokens: int, top_k: int, n_experts: int) -> int:
-    """GShard/Switch expert capacity: ceil(cf * T * K / E)."""
+    """GShard/Switch expert capacity: ceil(cf * T * K / E). The balance losses and the loss-free counter count the
+    router's choice before these drops (as GShard/Switch compute f before the capacity mask)."""
     return math.ceil(capacity_factor * n_tokens * top_k / n_experts)
 
 

@@ -67,6 +67,20 @@ def special_aux_loss(*, probs_TN: Tensor, expert_idx_TK: Tensor, n_experts: int,
                            eta_E=eta_N)
 
 
+def adamoe_aux_loss(*, probs_TN: Tensor, expert_idx_TK: Tensor, n_experts: int,
+                    valid_T: Tensor | None = None) -> Tensor:
+    """AdaMoE (Zeng et al. 2024, arXiv 2406.13233) sec. 3 balance loss: the Switch loss over all N = E + n_null
+    outputs with the null experts balanced as one group: each null expert's load f is replaced by the mean load
+    of the null experts. (The authors' released code means this -- its "## modified" line -- but indexes the
+    top-k axis, so as released it is a plain Switch loss for k < E; moelab follows the stated rule.)"""
+    valid_T = valid_mask(valid_T, probs_TN.shape[0], probs_TN.device)
+    N = probs_TN.shape[1]
+    counts_N = torch.bincount(expert_idx_TK[valid_T].reshape(-1) + 1, minlength=N + 1)[1:].float()
+    counts_N[n_experts:] = counts_N[n_experts:].mean()
+    return switch_aux_loss(probs_TE=probs_TN, expert_idx_TK=expert_idx_TK, n_experts=N, valid_T=valid_T,
+                           counts_E=counts_N)
+
+
 def top_p_entropy_loss(*, probs_TE: Tensor, valid_T: Tensor | None = None) -> Tensor:
     """Dynamic-routing loss of Huang et al. 2024 ("Harder Tasks Need More Experts", arXiv 2403.07652):
     mean over real tokens of the routing entropy -sum_e p_e log p_e (low entropy -> fewer experts pass p)."""
@@ -75,10 +89,15 @@ def top_p_entropy_loss(*, probs_TE: Tensor, valid_T: Tensor | None = None) -> Te
     return (ent_T * valid_T).sum() / valid_T.sum().clamp_min(1)
 
 
-def relu_l1_loss(*, logits_TE: Tensor, valid_T: Tensor | None = None) -> Tensor:
-    """ReMoE (Wang et al. 2024, arXiv 2412.14711) L1 sparsity penalty: mean over real tokens of sum_e ReLU(logit)."""
+def relu_l1_loss(*, logits_TE: Tensor, top_k: int, valid_T: Tensor | None = None) -> Tensor:
+    """ReMoE (Wang et al. 2024, arXiv 2412.14711) eq. 8 load-balanced L1 penalty, as in the authors' code
+    (switch_load_balancing_loss_func on the ReLU gates): sum_e f_e * mean_t ReLU(logit_te) over real tokens,
+    f_e = E / (k T) * (tokens with a non-zero gate on e), detached."""
     valid_T = valid_mask(valid_T, logits_TE.shape[0], logits_TE.device)
-    return (torch.relu(logits_TE).sum(-1) * valid_T).sum() / valid_T.sum().clamp_min(1)
+    gates_TE = torch.relu(logits_TE) * valid_T[:, None]
+    T, E = valid_T.sum().clamp_min(1).float(), logits_TE.shape[1]
+    f_E = (gates_TE > 0).sum(0).float() * E / (top_k * T)
+    return (f_E.detach() * gates_TE.sum(0) / T).sum()
 
 
 @torch.no_grad()
@@ -90,15 +109,21 @@ def relu_l1_coef_step(*, coef: Tensor, sparsity: Tensor, target: float, rate: fl
 
 def router_losses(*, cfg: MoEConfig, full: Routing, valid_T: Tensor | None) -> dict[str, Tensor]:
     """Unweighted router-specific losses. With special experts, "aux" is the balance loss over all N outputs
-    (it replaces the Switch loss over the E real experts, whose probabilities would not sum to 1)."""
+    (it replaces the Switch loss over the E real experts, whose probabilities would not sum to 1): AdaMoE's
+    null-group loss for router='adamoe', MoE++'s heterogeneous loss otherwise. ReMoE's "relu_l1" replaces
+    the Switch loss (the layer adds none for router='relu' with balance='aux')."""
     out: dict[str, Tensor] = {}
-    if cfg.n_special and cfg.balance == "aux" and cfg.aux_loss_coef > 0:
+    if cfg.router == "adamoe" and cfg.n_zero + cfg.n_copy + cfg.n_const == 0 and cfg.balance == "aux" \
+            and cfg.aux_loss_coef > 0:
+        out["aux"] = adamoe_aux_loss(probs_TN=full.probs_TE, expert_idx_TK=full.expert_idx_TK,
+                                     n_experts=cfg.n_experts, valid_T=valid_T)
+    elif cfg.n_special and cfg.balance == "aux" and cfg.aux_loss_coef > 0:
         out["aux"] = special_aux_loss(probs_TN=full.probs_TE, expert_idx_TK=full.expert_idx_TK,
                                       n_experts=cfg.n_experts, tau=cfg.special_tau, valid_T=valid_T)
     if cfg.router == "top_p" and cfg.top_p_entropy_coef > 0:
         out["top_p_entropy"] = top_p_entropy_loss(probs_TE=full.probs_TE, valid_T=valid_T)
     if cfg.router == "relu":
-        out["relu_l1"] = relu_l1_loss(logits_TE=full.logits_TE, valid_T=valid_T)
+        out["relu_l1"] = relu_l1_loss(logits_TE=full.logits_TE, top_k=cfg.top_k, valid_T=valid_T)
     return out
 
 

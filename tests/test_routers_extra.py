@@ -103,9 +103,13 @@ def test_relu_coefficient_steps_once_per_optimizer_step():
         out = layer(x)
         sparsities.append(1 - float((out.routing.expert_idx_TK >= 0).sum()) / (x.shape[0] * 4))
         assert float(coef) == pytest.approx(1e-3)  # unchanged inside the step
-        l1 = float(torch.relu(out.routing.logits_TE).sum(-1).mean())
+        g = torch.relu(out.routing.logits_TE)  # ReMoE's load-balanced L1 (paper eq. 8), by a loop
+        T, k = g.shape[0], 2
+        l1 = sum(4 / (k * T) * float((g[:, e] > 0).sum()) * float(g[:, e].mean()) for e in range(4))
         assert float(out.losses["relu_l1"]) == pytest.approx(l1, rel=1e-5)
-        assert float(out.aux_loss) == pytest.approx(1e-3 * l1 + 1e-2 * float(out.losses["aux"]), rel=1e-5)
+        assert "aux" not in out.losses  # the balanced L1 replaces the Switch loss (balance='aux')
+        assert float(out.aux_loss) == pytest.approx(1e-3 * l1 + sum(
+            1e-3 * float(v) for n, v in out.losses.items() if n == "z"), rel=1e-5)
     with torch.no_grad():
         layer(torch.randn(5, 8) * 10)
     layer.eval()
