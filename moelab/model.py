@@ -263,8 +263,8 @@ def generate(model: MoELM, prompt_S: Tensor, *, max_new_tokens: int, temperature
     capacity_factor, whose drops depend on the batch). Beyond max_seq_len the context slides: each new token
     re-prefills the last max_seq_len tokens (what no-cache does), so long generations are no faster there."""
     V, W = model.cfg.vocab_size, model.cfg.max_seq_len
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} is invalid: allowed >= 0")
+    if not 0 <= temperature < math.inf:  # NaN fails this too
+        raise ValueError(f"temperature={temperature} is invalid: allowed a finite number >= 0")
     if top_k is not None and not 1 <= top_k <= V:
         raise ValueError(f"top_k={top_k} is invalid: allowed 1..{V} or None")
     if top_p is not None and not 0 < top_p <= 1:

@@ -1,7 +1,7 @@
 """MoELayer: the one place that reads MoEConfig and wires router -> special experts -> routed experts ->
 shared experts -> balance losses and metrics.
 
-T=tokens (all leading dims flattened), D=d_model, E=routed experts, N=router outputs (E + special), K=slots.
+T=tokens (all leading dims flattened), D=d_model, E=routed experts, A=all router outputs (E + special), K=slots.
 """
 from __future__ import annotations
 
@@ -56,25 +56,25 @@ class MoELayer(nn.Module):
         self.routing_override: Callable[[Routing], Routing] | None = None
 
     def route(self, x_TD: Tensor, valid_T: Tensor | None, token_ids_T: Tensor | None,
-              prev_logits_TN: Tensor | None = None) -> Routing:
-        """Router in fp32 whatever the model dtype, over all N outputs; padding tokens go nowhere."""
+              prev_logits_TA: Tensor | None = None) -> Routing:
+        """Router in fp32 whatever the model dtype, over all A outputs; padding tokens go nowhere."""
         cfg = self.cfg
         with torch.autocast(device_type=x_TD.device.type, enabled=False):  # fp32 under bf16 autocast too
-            return self._route_fp32(x_TD.float(), valid_T, token_ids_T, prev_logits_TN)
+            return self._route_fp32(x_TD.float(), valid_T, token_ids_T, prev_logits_TA)
 
     def _route_fp32(self, x_r: Tensor, valid_T: Tensor | None, token_ids_T: Tensor | None,
-                    prev_logits_TN: Tensor | None) -> Routing:
+                    prev_logits_TA: Tensor | None) -> Routing:
         cfg = self.cfg
         if self.training and cfg.jitter_eps > 0:  # Switch Transformer input jitter
             x_r = x_r * torch.empty_like(x_r).uniform_(1 - cfg.jitter_eps, 1 + cfg.jitter_eps)
-        logits_TN = F.linear(x_r, self.gate.weight.float())
-        if self.prev_gate is not None and prev_logits_TN is not None:  # MoE++ gating residual
-            logits_TN = logits_TN + F.linear(prev_logits_TN.reshape(logits_TN.shape).float(),
+        logits_TA = F.linear(x_r, self.gate.weight.float())
+        if self.prev_gate is not None and prev_logits_TA is not None:  # MoE++ gating residual
+            logits_TA = logits_TA + F.linear(prev_logits_TA.reshape(logits_TA.shape).float(),
                                              self.prev_gate.weight.float())
         biases = [b for b in (s.bias() for s in self.state.values()) if b is not None]
         ctx = RouteContext(bias_E=biases[0] if biases else None, token_ids_T=token_ids_T, training=self.training,
                            valid_T=valid_T)
-        routing = ROUTERS[cfg.router](logits_TN, cfg, ctx)
+        routing = ROUTERS[cfg.router](logits_TA, cfg, ctx)
         if self.routing_override is not None:  # replay a recorded trace instead of the router
             routing = self.routing_override(routing)
         return mask_routing(routing, valid_T)
@@ -86,7 +86,7 @@ class MoELayer(nn.Module):
         `routing.logits_TE`, for the MoE++ gating residual (None for the first layer)."""
         cfg = self.cfg
         x_TD, valid_T, token_ids_T = self._flatten(x, valid, token_ids)
-        full = self.route(x_TD, valid_T, token_ids_T, prev_logits)  # all N outputs, before capacity
+        full = self.route(x_TD, valid_T, token_ids_T, prev_logits)  # all A outputs, before capacity
         y_TD, routing = None, full
         if self.special is not None:  # null/zero/copy/const experts: computed here, their slots -> -1
             y_TD, routing, _ = self.special(x_TD, full)

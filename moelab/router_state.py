@@ -58,7 +58,7 @@ class LossFreeBias(nn.Module):
 
 class ReluL1(nn.Module):
     """ReMoE (Wang et al. 2024, arXiv 2412.14711, sec. 3.3) adaptive L1 coefficient: once per optimizer step,
-    lambda *= rate^sign(target - sparsity), target = 1 - k/N, from the gate sparsity averaged over the step's
+    lambda *= rate^sign(target - sparsity), target = 1 - k/A, from the gate sparsity averaged over the step's
     training forwards, ranks and -- through step_all -- all layers: every layer's copy holds the same global
     lambda, as the authors' one config.moe_relu_l1_reg_coeff."""
 

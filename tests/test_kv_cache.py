@@ -177,3 +177,12 @@ def test_cli_generate_prompt_file_stdin_no_cache_and_speed_line(tmp_path, capsys
         assert "30 tokens in" in cap.err and "tokens/s)" in cap.err
         assert "slides" in cap.err  # 1 + 6 + 30 > max_seq_len=24
     assert outs[0] == outs[1] == outs[2] and outs[0].startswith("héllo")
+
+
+@pytest.mark.parametrize("t", [float("nan"), float("inf"), -1.0])
+def test_generate_refuses_a_temperature_that_is_not_finite_and_non_negative(t):
+    from moelab.model import MoELM, generate
+    from moelab.resolver import resolve
+    model = MoELM(resolve("tiny", overrides={"model.n_layers": 1}).model)
+    with pytest.raises(ValueError, match="temperature=.* is invalid: allowed a finite number >= 0"):
+        generate(model, torch.tensor([257, 100]), max_new_tokens=2, temperature=t)

@@ -213,7 +213,7 @@ def test_special_experts_hand_worked():
 def test_special_aux_loss_hand_worked():
     probs = torch.tensor([[0.5, 0.2, 0.3], [0.1, 0.6, 0.3]])
     idx = torch.tensor([[0, 2], [1, -1]])  # counts 1,1,1 -> f = 1/3 each; P = (.3, .4, .3)
-    got = special_aux_loss(probs_TN=probs, expert_idx_TK=idx, n_experts=2, tau=0.5)
+    got = special_aux_loss(probs_TA=probs, expert_idx_TK=idx, n_experts=2, tau=0.5)
     assert float(got) == pytest.approx(3 * (0.3 / 3 + 0.4 / 3 + 0.5 * 0.3 / 3))
 
 
