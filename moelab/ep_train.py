@@ -31,6 +31,7 @@ from moelab.parallel import (
     comm_record,
     current_world,
     enable_global_balance,
+    expert_grad_sq,
     expert_parameters,
     init_distributed,
     is_sharded,
@@ -38,6 +39,7 @@ from moelab.parallel import (
     step_routers_global,
     sync_grads,
 )
+from moelab.rebalance import RebalanceConfig, Rebalancer
 from moelab.train import Trainer, val_table
 
 
@@ -63,7 +65,7 @@ def global_grad_norm(model: nn.Module, params: list[Tensor], group=None) -> Tens
     experts = {id(p) for p in expert_parameters(model)}
     zero = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
     rep = sum((p.grad.double().pow(2).sum() for p in params if id(p) not in experts), zero)
-    exp = sum((p.grad.double().pow(2).sum() for p in params if id(p) in experts), zero).reshape(1)
+    exp = expert_grad_sq(model).reshape(1)  # each replicated expert's copies counted once
     dist.all_reduce(exp, group=group)
     return (rep + exp[0]).sqrt().float()
 
@@ -90,7 +92,7 @@ class EPTrainer(Trainer):
     summed over all ranks; clipping uses the global norm. Rank r writes out/rank{r}."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, out, *, ep: int | None = None, placement=None,
-                 timeout_s: float = 120.0):
+                 timeout_s: float = 120.0, rebalance: RebalanceConfig | None = None):
         rank, world = current_world(None)
         self.ep_group, self.replica_group = ep_groups(ep or world, timeout_s)
         corpus = RankSlice(build_corpus(list(cfg.data), val_fraction=cfg.val_fraction,
@@ -100,6 +102,8 @@ class EPTrainer(Trainer):
         enable_global_balance(self.model)
         if rank == 0:
             write_ep_meta(self.model, out, ep or world)
+        self.rebalancer = Rebalancer(rebalance) if rebalance is not None else None  # online placement
+        self.ep_out, self.ep_size = out, ep or world
 
     def sync_grads(self) -> None:
         sync_grads(self.model, replica_group=self.replica_group)
@@ -115,15 +119,24 @@ class EPTrainer(Trainer):
 
     def train_step(self) -> dict:
         """The trainer's record + all-to-all traffic per rank per layer."""
-        return {**super().train_step(), "a2a": comm_record(self.model)}
+        rec = {**super().train_step(), "a2a": comm_record(self.model)}
+        moved = self.rebalancer.after_step(self.model, self.opt, self.step) if self.rebalancer else None
+        if moved is not None:  # online rebalancer: balancedness before/after, bytes moved
+            rec["rebalance"] = moved
+            if any(moved["moved"]) and current_world(None)[0] == 0:
+                write_ep_meta(self.model, self.ep_out, self.ep_size)
+        return rec
 
 
 def write_ep_meta(model: nn.Module, out, ep: int) -> None:
     """out/ep.json: EP size and each sharded layer's placement (what merge_ep_run needs)."""
     placement = {name: list(m.experts.dispatcher.placement.rank_E) for name, m in model.named_modules()
                  if isinstance(m, MoELayer) and is_sharded(m)}
+    phy2log = {name: list(m.experts.dispatcher.placement.phy2log) for name, m in model.named_modules()
+               if isinstance(m, MoELayer) and is_sharded(m)}  # each rank's local slots (replicas, moves)
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "ep.json").write_text(json.dumps({"ep_size": ep, "placement": placement}, indent=1))
+    (Path(out) / "ep.json").write_text(json.dumps({"ep_size": ep, "placement": placement, "phy2log": phy2log},
+                                                  indent=1))
 
 
 def merge_ep_run(out) -> Path:
@@ -141,7 +154,10 @@ def merge_ep_run(out) -> Path:
             key = f"{layer}.experts.weights.{w}"
             merged = tensors[0][key].new_empty((len(rank_E),) + tuple(tensors[0][key].shape[1:]))
             for r, t in enumerate(tensors):
-                merged[[e for e, re in enumerate(rank_E) if re == r]] = t[key]
+                slots = meta.get("phy2log", {}).get(layer)  # local rows = rank r's occupied slots, in order
+                S = len(slots) // len(tensors) if slots else 0
+                merged[[e for e in slots[r * S:(r + 1) * S] if e >= 0] if slots else
+                       [e for e, re in enumerate(rank_E) if re == r]] = t[key]
             full[key] = merged
     dst = out / "ckpt" / shards[0].name
     dst.mkdir(parents=True, exist_ok=True)
@@ -155,7 +171,7 @@ def merge_ep_run(out) -> Path:
 
 
 def _ep_train_rank(rank: int | None, world: int, port: int | None, timeout_s: float, ep: int,
-                   run, out: str, resume: bool, threads: int) -> None:
+                   run, out: str, resume: bool, threads: int, placement=None, rebalance=None) -> None:
     """One rank of `moelab train --ep`: spawned (rank, port given) or under torchrun (env)."""
     if port is not None:
         init_distributed(backend="gloo", timeout_s=timeout_s, rank=rank, world_size=world,
@@ -167,7 +183,8 @@ def _ep_train_rank(rank: int | None, world: int, port: int | None, timeout_s: fl
     try:
         if rank != 0:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 speaks for all
-        summary = EPTrainer(run.model, run.train, out, ep=ep, timeout_s=timeout_s).fit(resume=resume)
+        summary = EPTrainer(run.model, run.train, out, ep=ep, timeout_s=timeout_s, placement=placement,
+                            rebalance=rebalance).fit(resume=resume)
         dist.barrier()  # every rank has written its final checkpoint
         if rank == 0:
             Console().print(val_table(summary))
@@ -177,10 +194,11 @@ def _ep_train_rank(rank: int | None, world: int, port: int | None, timeout_s: fl
 
 
 def launch(run, *, out: str, resume: bool, nproc: int | None, ep: int | None, threads: int | None,
-           timeout_s: float = 300.0) -> int:
+           timeout_s: float = 300.0, placement=None, rebalance: RebalanceConfig | None = None) -> int:
     """`moelab train --nproc N --ep P ...`: spawn N local gloo processes (or, under torchrun, use its
     RANK/WORLD_SIZE) and train EP x DP: experts sharded over blocks of P ranks (default N), N/P copies of
-    each shard, everything else data parallel over the N ranks. `run`: a resolve.RunConfig."""
+    each shard, everything else data parallel over the N ranks. `run`: a resolve.RunConfig. `placement`: one
+    Placement per MoE layer (placement.PlacementFile.placements) for P devices; `rebalance`: online re-fitting."""
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if torchrun else (nproc or ep or 0)
     if nproc is not None and torchrun and nproc != world:
@@ -190,7 +208,9 @@ def launch(run, *, out: str, resume: bool, nproc: int | None, ep: int | None, th
     ep = world if ep is None else ep
     if not isinstance(ep, int) or ep < 1 or world % ep:
         raise ValueError(f"--ep={ep} is invalid: allowed a divisor of the number of processes ({world})")
-    args = (ep, run, out, resume, threads or 1)  # 1 thread per rank by default
+    if placement is not None and any(p.world_size != ep for p in placement):
+        raise ValueError(f"--placement is for {placement[0].world_size} devices: allowed a file fitted for --ep={ep}")
+    args = (ep, run, out, resume, threads or 1, placement, rebalance)  # 1 thread per rank by default
     if torchrun:
         _ep_train_rank(None, world, None, timeout_s, *args)
         return 0
