@@ -103,7 +103,6 @@ class EPTrainer(Trainer):
         if rank == 0:
             write_ep_meta(self.model, out, ep or world)
         self.rebalancer = Rebalancer(rebalance) if rebalance is not None else None  # online placement
-        self.ep_out, self.ep_size = out, ep or world
 
     def sync_grads(self) -> None:
         sync_grads(self.model, replica_group=self.replica_group)
@@ -123,8 +122,6 @@ class EPTrainer(Trainer):
         moved = self.rebalancer.after_step(self.model, self.opt, self.step) if self.rebalancer else None
         if moved is not None:  # online rebalancer: balancedness before/after, bytes moved
             rec["rebalance"] = moved
-            if any(moved["moved"]) and current_world(None)[0] == 0:
-                write_ep_meta(self.model, self.ep_out, self.ep_size)
         return rec
 
 
@@ -132,11 +129,8 @@ def write_ep_meta(model: nn.Module, out, ep: int) -> None:
     """out/ep.json: EP size and each sharded layer's placement (what merge_ep_run needs)."""
     placement = {name: list(m.experts.dispatcher.placement.rank_E) for name, m in model.named_modules()
                  if isinstance(m, MoELayer) and is_sharded(m)}
-    phy2log = {name: list(m.experts.dispatcher.placement.phy2log) for name, m in model.named_modules()
-               if isinstance(m, MoELayer) and is_sharded(m)}  # each rank's local slots (replicas, moves)
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "ep.json").write_text(json.dumps({"ep_size": ep, "placement": placement, "phy2log": phy2log},
-                                                  indent=1))
+    (Path(out) / "ep.json").write_text(json.dumps({"ep_size": ep, "placement": placement}, indent=1))
 
 
 def merge_ep_run(out) -> Path:
@@ -148,15 +142,15 @@ def merge_ep_run(out) -> Path:
     if any(s is None for s in shards) or len({s.name for s in shards}) != 1:
         raise ValueError(f"ranks of {out} have no common latest checkpoint: {shards}")
     tensors = [load_file(str(s / "model.safetensors")) for s in shards]
-    full = dict(tensors[0])
+    full = {k: v for k, v in tensors[0].items() if not k.endswith(".phy2log_P")}  # EP-only buffer
     for layer, rank_E in meta["placement"].items():
         for w in ("w_up_EDG", "w_down_EFD"):
             key = f"{layer}.experts.weights.{w}"
             merged = tensors[0][key].new_empty((len(rank_E),) + tuple(tensors[0][key].shape[1:]))
             for r, t in enumerate(tensors):
-                slots = meta.get("phy2log", {}).get(layer)  # local rows = rank r's occupied slots, in order
-                S = len(slots) // len(tensors) if slots else 0
-                merged[[e for e in slots[r * S:(r + 1) * S] if e >= 0] if slots else
+                p2l = t.get(f"{layer}.experts.phy2log_P")  # rank r's rows = its occupied slots as saved
+                S = len(p2l) // len(tensors) if p2l is not None else 0
+                merged[[e for e in p2l[r * S:(r + 1) * S].tolist() if e >= 0] if p2l is not None else
                        [e for e, re in enumerate(rank_E) if re == r]] = t[key]
             full[key] = merged
     dst = out / "ckpt" / shards[0].name

@@ -246,9 +246,11 @@ def shard_moe_layer(layer: nn.Module, placement: Placement | Sequence[int] | dic
     before sharding -- and before its first step -- still holds them."""
     E = layer.cfg.n_experts
     _, world = current_world(group)
-    placement = (Placement.contiguous(E, world) if placement is None
-                 else Placement.from_map(placement, n_experts=E, world_size=world))
-    dispatcher = EPDispatcher(E, placement, group)
+    if placement is None:
+        placement = Placement.contiguous(E, world)
+    elif not isinstance(placement, Placement):  # a Placement is kept as given (slot order, spare slots)
+        placement = Placement.from_map(placement, n_experts=E, world_size=world)
+    dispatcher = EPDispatcher(E, placement, group)  # checks its sizes
     weights = layer.experts.weights
     if weights.n_experts != E or is_sharded(layer):
         raise ValueError(f"layer.experts has {weights.n_experts} experts, expected the full n_experts={E} "
@@ -256,7 +258,33 @@ def shard_moe_layer(layer: nn.Module, placement: Placement | Sequence[int] | dic
     for p in weights.parameters():
         p.data = p.data[torch.tensor(dispatcher.local_experts, dtype=torch.long, device=p.device)].clone()
     layer.experts.dispatcher = dispatcher
+    # the map travels with the weights in checkpoints: a resumed run lays its slots out as they were saved
+    layer.experts.register_buffer("phy2log_P", torch.tensor(placement.phy2log, dtype=torch.long))
+    layer.experts.register_load_state_dict_pre_hook(_adopt_saved_placement)
     return layer
+
+
+def set_placement(experts: nn.Module, placement: Placement) -> None:
+    """Point a sharded RoutedExperts at `placement` (its weights already laid out for it): a new dispatcher that
+    keeps the old one's traffic and load counters, and the checkpointed phy2log buffer."""
+    d = experts.dispatcher
+    nd = EPDispatcher(d.n_experts, placement, d.group)
+    nd.last_comm, nd.step_comm, nd.step_load_E = d.last_comm, d.step_comm, d.step_load_E
+    experts.dispatcher = nd
+    experts.phy2log_P = torch.tensor(placement.phy2log, dtype=torch.long, device=experts.phy2log_P.device)
+
+
+def _adopt_saved_placement(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """load_state_dict pre-hook of a sharded RoutedExperts: a checkpoint written after the online rebalancer moved
+    experts holds another phy2log; lay the local slots out as saved (shapes only: the load then fills them)."""
+    saved, d = state_dict.get(prefix + "phy2log_P"), module.dispatcher
+    if saved is None or not isinstance(d, EPDispatcher) or saved.tolist() == list(d.placement.phy2log):
+        return
+    new = Placement.from_phy2log(saved.tolist(), n_experts=d.n_experts, world_size=d.world)
+    for p in module.weights.parameters():
+        p.data = p.data.new_empty((len(new.experts_of(d.rank)),) + tuple(p.shape[1:]))
+    module.phy2log_P = saved.clone()
+    set_placement(module, new)
 
 
 def shard_model(model: nn.Module, placements=None, group=None) -> nn.Module:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moelab.moe import moe_layers
-from moelab.parallel import EPDispatcher, is_sharded
+from moelab.parallel import is_sharded, set_placement
 from moelab.placement import HEURISTICS, Devices, Placement
 
 
@@ -89,9 +89,7 @@ def move_experts(layer: nn.Module, new: Placement, opt: torch.optim.Optimizer | 
             p.data = value
         else:
             opt.state[p][k] = value
-    nd = EPDispatcher(d.n_experts, new, d.group)
-    nd.last_comm, nd.step_comm, nd.step_load_E = d.last_comm, d.step_comm, d.step_load_E
-    layer.experts.dispatcher = nd
+    set_placement(layer.experts, new)
     return (sum(in_splits) - in_splits[me]) * x_LX.shape[1] * x_LX.element_size()
 
 

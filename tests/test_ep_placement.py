@@ -183,17 +183,30 @@ def _data_dir(tmp_path):
 
 
 def _rebalance_worker(rank, world, model_cfg, cfg, out, placements):
-    from moelab.ep_train import EPTrainer
+    from moelab.checkpoint import list_checkpoints
+    from moelab.ep_train import EPTrainer, merge_ep_run
     from moelab.rebalance import RebalanceConfig
     res = {}
-    for name, rb in (("static", None), ("moving", RebalanceConfig(every=2, window=2))):
-        t = EPTrainer(model_cfg, cfg, f"{out}/{name}", placement=placements, rebalance=rb)
-        recs = [t.train_step() for _ in range(cfg.steps)]
+    rb = RebalanceConfig(every=2, window=2)
+    for name, conf in (("static", None), ("moving", rb)):
+        t = EPTrainer(model_cfg, cfg, f"{out}/{name}", placement=placements, rebalance=conf)
+        recs = []
+        for step in range(cfg.steps):
+            recs.append(t.train_step())
+            if step + 1 in (4, cfg.steps):
+                t.save_checkpoint()
         res[name] = [r["loss"] for r in recs]
         res[f"{name}_moves"] = [r["rebalance"] for r in recs if "rebalance" in r]
-        for _, m in t.model.named_modules():
-            if hasattr(m, "experts") and hasattr(m.experts, "dispatcher") and hasattr(m.experts.dispatcher, "rank"):
+        for m in t.model.modules():
+            if isinstance(m, MoELayer):
                 _copies_equal(m.experts.weights.w_up_EDG, m.experts.dispatcher.local_experts)
+        dist.barrier()
+        if rank == 0:
+            merge_ep_run(f"{out}/{name}")
+    # resume the moving run from its step-4 checkpoint (saved after two moves) into a fresh trainer
+    t = EPTrainer(model_cfg, cfg, f"{out}/resumed", placement=placements, rebalance=rb)
+    t.load_checkpoint(list_checkpoints(f"{out}/moving/rank{rank}")[0])
+    res["resumed"] = [t.train_step()["loss"] for _ in range(t.step, cfg.steps)]
     return res
 
 
@@ -201,7 +214,9 @@ def test_rebalancer_moves_experts_and_training_continues_exactly(tmp_path):
     """6 steps of EP=2 on the tiny LM with a replicated starting placement, re-fit (EPLB) every 2 steps on a
     2-step window: experts and Adam state move (balancedness logged, never worse), copies stay equal, and the
     losses equal the same run without moves (1e-5) -- with clipping active, so the global grad norm must count
-    each replicated expert once."""
+    each replicated expert once. A checkpoint written after moves resumes into a fresh trainer (laid out as
+    saved) with the same losses, and both runs merge into the same full model."""
+    from moelab.checkpoint import load_model
     from moelab.config import TrainConfig
     data = _data_dir(tmp_path)
     cfg = TrainConfig(steps=6, batch_size=2, seq_len=32, lr=1e-2, warmup=2, grad_clip=0.3,
@@ -211,10 +226,17 @@ def test_rebalancer_moves_experts_and_training_continues_exactly(tmp_path):
     res = run_distributed(_rebalance_worker, 2, args=(_tiny_lm(), cfg, str(tmp_path / "ep"), start), timeout_s=150)
     for r in res:
         assert max(abs(a - b) for a, b in zip(r["static"], r["moving"])) < 1e-5, (r["static"], r["moving"])
+        assert max(abs(a - b) for a, b in zip(r["moving"][4:], r["resumed"])) < 1e-5, (r["moving"], r["resumed"])
         assert r["static_moves"] == []
         assert [m["step"] for m in r["moving_moves"]] == [2, 4, 6]
     moves = res[0]["moving_moves"]
-    assert any(any(m["moved"]) for m in moves) and any(m["moved_bytes"] > 0 for m in moves)
+    assert any(moves[0]["moved"]) and any(moves[1]["moved"]) and moves[1]["moved_bytes"] > 0
     for m in moves:
         assert all(a >= b for a, b in zip(m["balancedness_after"], m["balancedness_before"]))
     assert res[0]["moving_moves"] == res[1]["moving_moves"]  # every rank made the same decisions
+    static, _ = load_model(tmp_path / "ep" / "static")
+    moving, _ = load_model(tmp_path / "ep" / "moving")
+    want = static.state_dict()
+    for k, v in moving.state_dict().items():
+        if not k.endswith("load_E"):
+            torch.testing.assert_close(v, want[k], **TOL, msg=k)
