@@ -60,7 +60,11 @@ def _train(args: argparse.Namespace) -> int:
         run = resolve(args.preset, args.config, overrides)
     if args.nproc is not None or args.ep is not None or "WORLD_SIZE" in os.environ:  # expert x data parallel
         from moelab.ep_train import launch
-        return launch(run, out=args.out, resume=args.resume, nproc=args.nproc, ep=args.ep, threads=args.threads)
+        from moelab.rebalance import ep_options  # --placement, --rebalance-every/-window
+        return launch(run, out=args.out, resume=args.resume, nproc=args.nproc, ep=args.ep, threads=args.threads,
+                      **ep_options(args.placement, args.rebalance_every, args.rebalance_window, run.model))
+    if args.placement or args.rebalance_every is not None:
+        raise ValueError("--placement / --rebalance-every need expert parallelism: add --ep P (or --nproc N)")
     trainer = Trainer(run.model, run.train, out, runtime=runtime_of(args))
     if args.tensorboard:
         from moelab.tensorboard import EventWriter
@@ -150,6 +154,11 @@ def register(sub) -> None:
                    "(--batch-size is per rank; under torchrun the world size is torchrun's)")
     t.add_argument("--ep", type=int, help="expert-parallel size P: experts sharded over blocks of P ranks, N/P "
                    "copies of each shard (a divisor of N; default N); rank r writes OUT/rank{r}, OUT the merged model")
+    t.add_argument("--placement", metavar="FILE", help="with --ep P: expert placement JSON from `moelab place --out` "
+                   "(one map per MoE layer, fitted for P devices; replicas allowed) instead of contiguous blocks")
+    t.add_argument("--rebalance-every", type=int, metavar="N", help="with --ep: every N steps re-fit each layer's "
+                   "placement (EPLB) on recent loads and move experts and their optimizer state between ranks")
+    t.add_argument("--rebalance-window", type=int, metavar="W", help="steps of loads the re-fit sees (default N)")
     t.set_defaults(func=_train)
     e = sub.add_parser("eval", help="validation loss per domain of a run vs the unigram baseline",
                        description="Evaluate the latest (or --ckpt) checkpoint of RUN on its validation split.")

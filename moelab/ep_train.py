@@ -122,6 +122,8 @@ class EPTrainer(Trainer):
         moved = self.rebalancer.after_step(self.model, self.opt, self.step) if self.rebalancer else None
         if moved is not None:  # online rebalancer: balancedness before/after, bytes moved
             rec["rebalance"] = moved
+            self.console.print(f"step {self.step:5d}  rebalance: balancedness {moved['balancedness_before']} -> "
+                               f"{moved['balancedness_after']}, moved {moved['moved_bytes'] / 2**20:.2f} MiB")
         return rec
 
 

@@ -19,9 +19,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moelab.config import ModelConfig
 from moelab.moe import moe_layers
 from moelab.parallel import is_sharded, set_placement
-from moelab.placement import HEURISTICS, Devices, Placement
+from moelab.placement import HEURISTICS, Devices, Placement, load_placement_file
 
 
 @dataclass(frozen=True)
@@ -135,3 +136,24 @@ class Rebalancer:
             dist.all_reduce(total)
         return {"step": step, "window_steps": len(self.window), "balancedness_before": before,
                 "balancedness_after": after, "moved": moved, "moved_bytes": int(total)}
+
+
+def ep_options(placement_file: str | None, every: int | None, window: int | None, model_cfg: ModelConfig) -> dict:
+    """`moelab train --placement FILE --rebalance-every N --rebalance-window W` -> ep_train.launch keyword
+    arguments (placement: one Placement per MoE layer; rebalance: a RebalanceConfig), checked against the model."""
+    out: dict = {}
+    if placement_file:
+        pf = load_placement_file(placement_file)
+        L, E = len(model_cfg.moe_layer_ids), model_cfg.moe.n_experts
+        if pf.placements[0].n_experts != E:
+            raise ValueError(f"--placement {placement_file!r} is for n_experts={pf.placements[0].n_experts}: "
+                             f"allowed a file fitted for the model's n_experts={E}")
+        if len(pf.placements) != L:
+            raise ValueError(f"--placement {placement_file!r} has {len(pf.placements)} layers: allowed one per MoE "
+                             f"layer of the model ({L})")
+        out["placement"] = list(pf.placements)
+    if every is not None:
+        out["rebalance"] = RebalanceConfig(every, window or 0).check()
+    elif window:
+        raise ValueError(f"--rebalance-window={window} needs --rebalance-every N")
+    return out

@@ -14,7 +14,13 @@ from dist import run_distributed
 
 from moelab.config import MoEConfig
 from moelab.moe import MoELayer
-from moelab.parallel import enable_global_balance, expert_grad_sq, shard_moe_layer, step_routers_global, sync_grads
+from moelab.parallel import (
+    enable_global_balance,
+    expert_grad_sq,
+    shard_moe_layer,
+    step_routers_global,
+    sync_grads,
+)
 from moelab.placement import Devices, Placement
 from moelab.placement_metrics import home_ranks, replica_device, score
 
@@ -240,3 +246,32 @@ def test_rebalancer_moves_experts_and_training_continues_exactly(tmp_path):
     for k, v in moving.state_dict().items():
         if not k.endswith("load_E"):
             torch.testing.assert_close(v, want[k], **TOL, msg=k)
+
+
+def test_cli_placement_and_rebalance_flags_are_checked_before_spawning(tmp_path, monkeypatch, capsys):
+    """Wrong files and flag combinations fail with one clear line, before any process starts."""
+    from moelab.cli import main
+    from moelab.ep_train import launch
+    from moelab.placement import PlacementFile
+    from moelab.rebalance import RebalanceConfig, ep_options
+    from moelab.resolver import resolve
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    run = resolve("tiny")
+    E, L = run.model.moe.n_experts, len(run.model.moe_layer_ids)
+    good = PlacementFile(tuple([Placement.contiguous(E, 2)] * L), Devices(2, E // 2), "contiguous").save(tmp_path / "p.json")
+    opts = ep_options(str(good), 4, None, run.model)
+    assert [p.world_size for p in opts["placement"]] == [2] * L and opts["rebalance"] == RebalanceConfig(4, 0)
+    short = PlacementFile((Placement.contiguous(E, 2),) * (L + 1), Devices(2, E // 2), "contiguous").save(tmp_path / "s.json")
+    with pytest.raises(ValueError, match=f"one per MoE layer of the model \\({L}\\)"):
+        ep_options(str(short), None, None, run.model)
+    other = PlacementFile((Placement.contiguous(E + 2, 2),) * L, Devices(2, E // 2 + 1), "contiguous").save(tmp_path / "o.json")
+    with pytest.raises(ValueError, match=f"model's n_experts={E}"):
+        ep_options(str(other), None, None, run.model)
+    with pytest.raises(ValueError, match="--rebalance-window=3 needs --rebalance-every"):
+        ep_options(None, None, 3, run.model)
+    with pytest.raises(ValueError, match="--rebalance-every=0 is invalid"):
+        ep_options(None, 0, None, run.model)
+    with pytest.raises(ValueError, match="fitted for --ep=4"):
+        launch(run, out=str(tmp_path / "r"), resume=False, nproc=4, ep=4, threads=None, placement=opts["placement"])
+    assert main(["train", "--placement", str(good), "--out", str(tmp_path / "r")]) == 2
+    assert "need expert parallelism: add --ep P" in capsys.readouterr().err
