@@ -156,10 +156,44 @@ def _train_replicated(rank, world, phy2log, n_steps=3, T=8):
             _copies_equal(p_ep, ids)
 
 
+def _check_move(rank, world, old_phy2log, new_phy2log):
+    """move_experts: every new slot holds its expert's weights and Adam moments (from the full layer), the
+    output is unchanged, and the rows sent equal the simulator's migration count."""
+    from moelab.placement_metrics import migration_bytes
+    from moelab.rebalance import move_experts
+    old = Placement.from_phy2log(old_phy2log, n_experts=E, world_size=world)
+    new = Placement.from_phy2log(new_phy2log, n_experts=E, world_size=world)
+    torch.manual_seed(0)
+    ref = MoELayer(_cfg())
+    ep = shard_moe_layer(copy.deepcopy(ref), old)
+    opt = torch.optim.AdamW(ep.parameters())
+    for p in ep.experts.weights.parameters():  # moments that name their expert: 2 x / 3 x its weights
+        opt.state[p] = {"step": torch.tensor(3.0), "exp_avg": 2 * p.data, "exp_avg_sq": 3 * p.data}
+    x_TD = torch.randn(6, 16, generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        y0 = ep(x_TD).y
+    sent = move_experts(ep, new, opt)
+    ids = list(new.experts_of(rank))
+    assert list(ep.experts.dispatcher.local_experts) == ids and ep.experts.phy2log_P.tolist() == list(new_phy2log)
+    for name in ("w_up_EDG", "w_down_EFD"):
+        p, full = getattr(ep.experts.weights, name), getattr(ref.experts.weights, name).detach()
+        assert torch.equal(p.data, full[ids])
+        assert torch.equal(opt.state[p]["exp_avg"], 2 * full[ids]) and torch.equal(opt.state[p]["exp_avg_sq"], 3 * full[ids])
+        assert float(opt.state[p]["step"]) == 3.0
+    with torch.no_grad():
+        torch.testing.assert_close(ep(x_TD).y, y0, **TOL)
+    per_slot = sum(3 * p[0].numel() * 4 for p in ep.experts.weights.parameters())  # weights + 2 moments, fp32
+    total = torch.tensor([float(sent)])
+    dist.all_reduce(total)
+    assert float(total) == migration_bytes([old], [new], per_slot)[0] > 0
+
+
 def _layer_worker(rank, world, train: bool):
     rows = [_check_replicated_layer(rank, world, p) for p in PLACEMENTS[world]]
     if train:
         _train_replicated(rank, world, PLACEMENTS[world][0])
+    else:  # 4 ranks: uneven slot counts before and after, an empty slot, replicas dropped and made
+        _check_move(rank, world, PLACEMENTS[world][0], [7, 6, 5, 4, 3, 2, 1, 0, -1, 0, 1, 2])
     return rows
 
 
@@ -167,7 +201,8 @@ def _layer_worker(rank, world, train: bool):
 def test_replicated_ep_layer_matches_single_process_and_simulator(world):
     """Replicated placements on 2 and 4 gloo ranks: outputs and gradients equal the single-process layer and the
     default EP layer (1e-5), each copy of an expert gets the full expert gradient, rows and bytes sent equal
-    the placement simulator's home-rank prediction exactly; 2 ranks also train 3 AdamW steps."""
+    the placement simulator's home-rank prediction exactly; 2 ranks also train 3 AdamW steps, 4 ranks move
+    experts with their optimizer state to another map."""
     res = run_distributed(_layer_worker, world, args=(world == 2,), timeout_s=120)
     assert all(r > 0 for r in res[0])  # replicated experts did get rows
 
