@@ -98,8 +98,9 @@ class Rebalancer:
     """Call `after_step(model, opt, step)` after every optimizer step on every rank (a collective): it adds the
     step's loads (summed over all ranks) to the window and, every `cfg.every` steps, re-fits and moves."""
 
-    def __init__(self, cfg: RebalanceConfig):
-        self.cfg = cfg.check()
+    def __init__(self, cfg: RebalanceConfig | None = None, **kw):
+        """`Rebalancer(RebalanceConfig(...))` or `Rebalancer(every=N, window=W, method="eplb")`."""
+        self.cfg = cfg = (cfg or RebalanceConfig(**kw)).check()
         self.window: deque[Tensor] = deque(maxlen=cfg.window or cfg.every)
 
     def observe(self, model: nn.Module) -> Tensor:

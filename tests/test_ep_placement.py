@@ -306,6 +306,10 @@ def test_cli_placement_and_rebalance_flags_are_checked_before_spawning(tmp_path,
         ep_options(None, None, 3, run.model)
     with pytest.raises(ValueError, match="--rebalance-every=0 is invalid"):
         ep_options(None, 0, None, run.model)
+    from moelab.rebalance import Rebalancer
+    assert Rebalancer(every=3, window=5).cfg == RebalanceConfig(3, 5, "eplb")
+    with pytest.raises(ValueError, match="method='ilp' is invalid"):
+        Rebalancer(every=3, method="ilp")
     with pytest.raises(ValueError, match="fitted for --ep=4"):
         launch(run, out=str(tmp_path / "r"), resume=False, nproc=4, ep=4, threads=None, placement=opts["placement"])
     assert main(["train", "--placement", str(good), "--out", str(tmp_path / "r")]) == 2
