@@ -93,17 +93,22 @@ def _train(args: argparse.Namespace) -> int:
         if args.init_from:
             raise ValueError("--init-from is single-process: allowed without --nproc / --ep / torchrun")
         from moelab.ep_train import launch
-        return launch(run, out=args.out, resume=args.resume, nproc=args.nproc, ep=args.ep, threads=args.threads)
+        from moelab.rebalance import ep_options  # --placement, --rebalance-every/-window
+        return launch(run, out=args.out, resume=args.resume, nproc=args.nproc, ep=args.ep, threads=args.threads,
+                      **ep_options(args.placement, args.rebalance_every, args.rebalance_window, run.model))
+    if args.placement or args.rebalance_every is not None:
+        raise ValueError("--placement / --rebalance-every need expert parallelism: add --ep P (or --nproc N)")
+    fresh_init = args.init_from and not (args.resume and list_checkpoints(out))  # a resumed run keeps its weights
+    tok = run.model.tokenizer
+    if fresh_init and tok != "bytes" and not Path(tok).is_absolute():  # the run's tokenizer folder comes along
+        from moelab.hf_tokenizer import copy_tokenizer
+        copy_tokenizer(Path(args.init_from) / tok, out / tok)
     trainer = Trainer(run.model, run.train, out, runtime=runtime_of(args))
     if args.tensorboard:
         from moelab.tensorboard import EventWriter
         trainer.log_sinks.append(EventWriter(out / "tb").write)
-    if args.init_from and not (args.resume and list_checkpoints(out)):  # a resumed run keeps its own weights
+    if fresh_init:
         init_from(trainer.model, args.init_from)
-        tok = run.model.tokenizer
-        if tok != "bytes" and not Path(tok).is_absolute():  # the run's tokenizer folder comes along
-            from moelab.hf_tokenizer import copy_tokenizer
-            copy_tokenizer(Path(args.init_from) / tok, out / tok)
     summary = trainer.fit(resume=args.resume)
     Console().print(val_table(summary))
     Console().print(f"run folder: {out} (metrics.jsonl, summary.json, ckpt/); plots: moelab plot {out}")
@@ -113,8 +118,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from moelab.checkpoint import load_model
     from moelab.config import TrainConfig
-    from moelab.data import build_corpus
-    from moelab.train import evaluate, val_table
+    from moelab.train import corpus_for, evaluate, val_table
     rt = runtime_of(args)
     model, meta = load_model(args.run, args.ckpt)
     cfg = TrainConfig.from_dict(meta["train_config"])
@@ -122,7 +126,7 @@ def _eval(args: argparse.Namespace) -> int:
         if args.batches < 1:
             raise ValueError(f"--batches={args.batches} is invalid: allowed an integer >= 1")
         cfg = cfg.replace(eval_batches=args.batches)
-    corpus = build_corpus(list(cfg.data), val_fraction=cfg.val_fraction, split_version=cfg.split_version)
+    corpus = corpus_for(model.cfg, cfg, args.run)
     corpus.check(cfg.seq_len)
     ev = evaluate(model.to(rt.device), corpus, cfg, rt)
     summary = {"step": meta["step"], **ev, "unigram_loss": {d: corpus.unigram_loss(d) for d in corpus.domains}}
@@ -209,6 +213,11 @@ def register(sub) -> None:
                    "(--batch-size is per rank; under torchrun the world size is torchrun's)")
     t.add_argument("--ep", type=int, help="expert-parallel size P: experts sharded over blocks of P ranks, N/P "
                    "copies of each shard (a divisor of N; default N); rank r writes OUT/rank{r}, OUT the merged model")
+    t.add_argument("--placement", metavar="FILE", help="with --ep P: expert placement JSON from `moelab place --out` "
+                   "(one map per MoE layer, fitted for P devices; replicas allowed) instead of contiguous blocks")
+    t.add_argument("--rebalance-every", type=int, metavar="N", help="with --ep: every N steps re-fit each layer's "
+                   "placement (EPLB) on recent loads and move experts and their optimizer state between ranks")
+    t.add_argument("--rebalance-window", type=int, metavar="W", help="steps of loads the re-fit sees (default N)")
     t.set_defaults(func=_train)
     e = sub.add_parser("eval", help="validation loss per domain of a run vs the unigram baseline",
                        description="Evaluate the latest (or --ckpt) checkpoint of RUN on its validation split.")

@@ -25,13 +25,13 @@ from torch import Tensor, nn
 
 from moelab.checkpoint import file_sha256, list_checkpoints, read_state, read_tensors, verify
 from moelab.config import ModelConfig, TrainConfig
-from moelab.data import build_corpus
 from moelab.moe import MoELayer
 from moelab.parallel import (
     all_reduce_sum,
     comm_record,
     current_world,
     enable_global_balance,
+    expert_grad_sq,
     expert_parameters,
     init_distributed,
     is_sharded,
@@ -39,7 +39,8 @@ from moelab.parallel import (
     step_routers_global,
     sync_grads,
 )
-from moelab.train import Interrupted, RunFailed, Trainer, check_out, run_kind, val_table
+from moelab.rebalance import RebalanceConfig, Rebalancer
+from moelab.train import Interrupted, RunFailed, Trainer, check_out, corpus_for, run_kind, val_table
 
 
 class RankSlice:
@@ -64,7 +65,7 @@ def global_grad_norm(model: nn.Module, params: list[Tensor], group=None) -> Tens
     experts = {id(p) for p in expert_parameters(model)}
     zero = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
     rep = sum((p.grad.double().pow(2).sum() for p in params if id(p) not in experts), zero)
-    exp = sum((p.grad.double().pow(2).sum() for p in params if id(p) in experts), zero).reshape(1)
+    exp = expert_grad_sq(model).reshape(1)  # each replicated expert's copies counted once
     dist.all_reduce(exp, group=group)
     return (rep + exp[0]).sqrt().float()
 
@@ -91,16 +92,16 @@ class EPTrainer(Trainer):
     summed over all ranks; clipping uses the global norm. Rank r writes out/rank{r}."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, out, *, ep: int | None = None, placement=None,
-                 timeout_s: float = 120.0):
+                 timeout_s: float = 120.0, rebalance: RebalanceConfig | None = None):
         rank, world = current_world(None)
         self.ep_group, self.replica_group = ep_groups(ep or world, timeout_s)
-        corpus = RankSlice(build_corpus(list(cfg.data), val_fraction=cfg.val_fraction,
-                                        split_version=cfg.split_version), rank, world)
+        corpus = RankSlice(corpus_for(model_cfg, cfg, out), rank, world)
         super().__init__(model_cfg, cfg, Path(out) / f"rank{rank}", corpus=corpus, verbose=rank == 0)
         shard_model(self.model, placement, self.ep_group)  # same seed on every rank: replicas start equal
         enable_global_balance(self.model)
         if rank == 0:
             write_ep_meta(self.model, out, ep or world)
+        self.rebalancer = Rebalancer(rebalance) if rebalance is not None else None  # online placement
 
     def sync_grads(self) -> None:
         sync_grads(self.model, replica_group=self.replica_group)
@@ -141,7 +142,13 @@ class EPTrainer(Trainer):
 
     def train_step(self) -> dict:
         """The trainer's record + all-to-all traffic per rank per layer."""
-        return {**super().train_step(), "a2a": comm_record(self.model)}
+        rec = {**super().train_step(), "a2a": comm_record(self.model)}
+        moved = self.rebalancer.after_step(self.model, self.opt, self.step) if self.rebalancer else None
+        if moved is not None:  # online rebalancer: balancedness before/after, bytes moved
+            rec["rebalance"] = moved
+            self.console.print(f"step {self.step:5d}  rebalance: balancedness {moved['balancedness_before']} -> "
+                               f"{moved['balancedness_after']}, moved {moved['moved_bytes'] / 2**20:.2f} MiB")
+        return rec
 
 
 def write_ep_meta(model: nn.Module, out, ep: int) -> None:
@@ -163,13 +170,16 @@ def merge_ep_run(out) -> Path:
     for s in shards:
         verify(s, read_state(s), ("model.safetensors",))
     tensors = [read_tensors(s / "model.safetensors") for s in shards]
-    full = dict(tensors[0])
+    full = {k: v for k, v in tensors[0].items() if not k.endswith(".phy2log_P")}  # EP-only buffer
     for layer, rank_E in meta["placement"].items():
         for w in ("w_up_EDG", "w_down_EFD"):
             key = f"{layer}.experts.weights.{w}"
             merged = tensors[0][key].new_empty((len(rank_E),) + tuple(tensors[0][key].shape[1:]))
             for r, t in enumerate(tensors):
-                merged[[e for e, re in enumerate(rank_E) if re == r]] = t[key]
+                p2l = t.get(f"{layer}.experts.phy2log_P")  # rank r's rows = its occupied slots as saved
+                S = len(p2l) // len(tensors) if p2l is not None else 0
+                merged[[e for e in p2l[r * S:(r + 1) * S].tolist() if e >= 0] if p2l is not None else
+                       [e for e, re in enumerate(rank_E) if re == r]] = t[key]
             full[key] = merged
     dst = out / "ckpt" / shards[0].name
     tmp = out / "ckpt" / f".tmp_{shards[0].name}_{os.getpid()}"  # written whole, then renamed (like checkpoints)
@@ -192,7 +202,7 @@ def merge_ep_run(out) -> Path:
 
 
 def _ep_train_rank(rank: int | None, world: int, port: int | None, timeout_s: float, ep: int,
-                   run, out: str, resume: bool, threads: int) -> None:
+                   run, out: str, resume: bool, threads: int, placement=None, rebalance=None) -> None:
     """One rank of `moelab train --ep`: spawned (rank, port given) or under torchrun (env)."""
     if port is not None:
         init_distributed(backend="gloo", timeout_s=timeout_s, rank=rank, world_size=world,
@@ -205,7 +215,8 @@ def _ep_train_rank(rank: int | None, world: int, port: int | None, timeout_s: fl
         if rank != 0:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 speaks for all
         try:
-            summary = EPTrainer(run.model, run.train, out, ep=ep, timeout_s=timeout_s).fit(resume=resume)
+            summary = EPTrainer(run.model, run.train, out, ep=ep, timeout_s=timeout_s, placement=placement,
+                                rebalance=rebalance).fit(resume=resume)
         except Interrupted as e:
             if rank == 0:
                 print(f"moelab train: {e}", file=sys.stderr)
@@ -219,10 +230,11 @@ def _ep_train_rank(rank: int | None, world: int, port: int | None, timeout_s: fl
 
 
 def launch(run, *, out: str, resume: bool, nproc: int | None, ep: int | None, threads: int | None,
-           timeout_s: float = 300.0) -> int:
+           timeout_s: float = 300.0, placement=None, rebalance: RebalanceConfig | None = None) -> int:
     """`moelab train --nproc N --ep P ...`: spawn N local gloo processes (or, under torchrun, use its
     RANK/WORLD_SIZE) and train EP x DP: experts sharded over blocks of P ranks (default N), N/P copies of
-    each shard, everything else data parallel over the N ranks. `run`: a resolve.RunConfig."""
+    each shard, everything else data parallel over the N ranks. `run`: a resolve.RunConfig. `placement`: one
+    Placement per MoE layer (placement.PlacementFile.placements) for P devices; `rebalance`: online re-fitting."""
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if torchrun else (nproc or ep or 0)
     if nproc is not None and torchrun and nproc != world:
@@ -235,7 +247,9 @@ def launch(run, *, out: str, resume: bool, nproc: int | None, ep: int | None, th
     ep = world if ep is None else ep
     if not isinstance(ep, int) or ep < 1 or world % ep:
         raise ValueError(f"--ep={ep} is invalid: allowed a divisor of the number of processes ({world})")
-    args = (ep, run, out, resume, threads or 1)  # 1 thread per rank by default
+    if placement is not None and any(p.world_size != ep for p in placement):
+        raise ValueError(f"--placement is for {placement[0].world_size} devices: allowed a file fitted for --ep={ep}")
+    args = (ep, run, out, resume, threads or 1, placement, rebalance)  # 1 thread per rank by default
     if torchrun:
         _ep_train_rank(None, world, None, timeout_s, *args)
         return 0

@@ -24,9 +24,10 @@ from rich.progress import Progress
 from safetensors import safe_open
 from torch import Tensor
 
-from moelab.config import N_BYTES, ModelConfig, TrainConfig
+from moelab.config import ModelConfig, TrainConfig
 from moelab.hf_archs import ARCHS, HFArch, pick_arch
-from moelab.model import BOS_ID, EOS_ID, PAD_ID, MoELM
+from moelab.hf_tokenizer import write_byte_tokenizer
+from moelab.model import MoELM
 
 DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
           torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
@@ -251,44 +252,6 @@ def _mlp_makers(hf: str, src: Source) -> tuple[Callable[[], Tensor], Callable[[]
 
 
 # ---- tokenizer and generation config of an exported byte-level run ----------------------------------
-def write_byte_tokenizer(out: Path, vocab_size: int) -> None:
-    """A tokenizer.json (tokenizers' own format, no custom code) mapping text to moelab's ids: each UTF-8 byte
-    b -> id b (GPT-2 byte-to-unicode alphabet, no merges), <|pad|> 256, <|bos|> 257 (prepended), <|eos|> 258,
-    and <|unused_i|> fillers up to vocab_size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import PreTrainedTokenizerFast
-    alphabet = ByteLevel.alphabet()
-    byte_chars = bytes_to_unicode()
-    assert set(byte_chars.values()) == set(alphabet)
-    vocab = {byte_chars[b]: b for b in range(N_BYTES)}
-    specials = {PAD_ID: "<|pad|>", BOS_ID: "<|bos|>", EOS_ID: "<|eos|>"}
-    specials.update({i: f"<|unused_{i}|>" for i in range(N_BYTES, vocab_size) if i not in specials})
-    vocab.update({tok: i for i, tok in specials.items()})
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens([specials[i] for i in sorted(specials)])
-    tk.post_processor = processors.TemplateProcessing(single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B",
-                                                      special_tokens=[("<|bos|>", BOS_ID)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|bos|>", eos_token="<|eos|>",
-                                   pad_token="<|pad|>", model_max_length=None)
-    fast.save_pretrained(str(out))
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable unicode map (Radford et al. 2019, encoder.py)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-# ---- the two directions -----------------------------------------------------------------------------
 def _hf_config(arch: HFArch, cfg: ModelConfig, dtype: torch.dtype, tok):
     import transformers
     kw = {**arch.to_hf(cfg), "pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}

@@ -74,7 +74,6 @@ class HFTokenizer:
     def byte_lengths(self, vocab_size: int) -> Tensor:
         """UTF-8 bytes each id stands for (byte-level BPE: its bytes exactly; otherwise its decoded text), EOS 1
         (the document separator), other special and unused ids 0."""
-        from moelab.hf_convert import bytes_to_unicode
         byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
         special = set(self.tok.all_special_ids)
         n_V = torch.zeros(vocab_size, dtype=torch.long)
@@ -130,7 +129,6 @@ def is_byte_tokenizer(folder: str | Path) -> bool:
     model = json.loads(f.read_text(encoding="utf-8")).get("model", {})
     if model.get("type") != "BPE" or model.get("merges"):
         return False
-    from moelab.hf_convert import bytes_to_unicode
     vocab = model.get("vocab", {})
     return all(vocab.get(ch) == b for b, ch in bytes_to_unicode().items())
 
@@ -148,3 +146,43 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> list[str]:
 
 def has_tokenizer(folder: str | Path) -> bool:
     return any((Path(folder) / n).exists() for n in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+def write_byte_tokenizer(out: Path, vocab_size: int) -> None:
+    """A tokenizer.json (tokenizers' own format, no custom code) mapping text to moelab's ids: each UTF-8 byte
+    b -> id b (GPT-2 byte-to-unicode alphabet, no merges), <|pad|> 256, <|bos|> 257 (prepended), <|eos|> 258,
+    and <|unused_i|> fillers up to vocab_size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+    alphabet = ByteLevel.alphabet()
+    byte_chars = bytes_to_unicode()
+    assert set(byte_chars.values()) == set(alphabet)
+    vocab = {byte_chars[b]: b for b in range(N_BYTES)}
+    specials = {PAD_ID: "<|pad|>", BOS_ID: "<|bos|>", EOS_ID: "<|eos|>"}
+    specials.update({i: f"<|unused_{i}|>" for i in range(N_BYTES, vocab_size) if i not in specials})
+    vocab.update({tok: i for i, tok in specials.items()})
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([specials[i] for i in sorted(specials)])
+    tk.post_processor = processors.TemplateProcessing(single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B",
+                                                      special_tokens=[("<|bos|>", BOS_ID)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|bos|>", eos_token="<|eos|>",
+                                   pad_token="<|pad|>", model_max_length=None)
+    fast.save_pretrained(str(out))
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode map (Radford et al. 2019, encoder.py)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+# ---- the two directions -----------------------------------------------------------------------------

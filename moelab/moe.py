@@ -58,7 +58,6 @@ class MoELayer(nn.Module):
     def route(self, x_TD: Tensor, valid_T: Tensor | None, token_ids_T: Tensor | None,
               prev_logits_TA: Tensor | None = None) -> Routing:
         """Router in fp32 whatever the model dtype, over all A outputs; padding tokens go nowhere."""
-        cfg = self.cfg
         with torch.autocast(device_type=x_TD.device.type, enabled=False):  # fp32 under bf16 autocast too
             return self._route_fp32(x_TD.float(), valid_T, token_ids_T, prev_logits_TA)
 

@@ -43,6 +43,18 @@ from moelab.runtime import Runtime
 ROUTER_STATS = ("experts_per_token", "special_per_token", "flops_saved")  # logged per MoE layer
 
 
+def corpus_for(model_cfg: ModelConfig, cfg: TrainConfig, run: str | Path | None = None,
+               paths: list[str] | None = None) -> Corpus:
+    """The run's data (or `paths`) in the run's ids: bytes, or its transformers tokenizer (ModelConfig.tokenizer,
+    a folder relative to the run)."""
+    tok = None
+    if model_cfg.tokenizer != "bytes":
+        from moelab.hf_tokenizer import load_tokenizer
+        tok = load_tokenizer(model_cfg.tokenizer, run)
+    return build_corpus(list(paths or cfg.data), val_fraction=cfg.val_fraction, split_version=cfg.split_version,
+                        tokenizer=tok, vocab_size=model_cfg.vocab_size)
+
+
 def lr_at(step: int, cfg: TrainConfig, horizon: int | None = None) -> float:
     """Linear warm-up to cfg.lr, then cosine decay to min_lr_ratio * lr at `horizon` (default cfg.steps), flat at
     that floor after it (Loshchilov & Hutter 2017). A resumed run keeps its first horizon (Trainer.horizon)."""
@@ -108,8 +120,7 @@ class Trainer:
             raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} is invalid: allowed <= max_seq_len="
                              f"{model_cfg.max_seq_len}")
         self.model_cfg, self.cfg, self.out = model_cfg, cfg, Path(out)
-        self.corpus = corpus if corpus is not None else build_corpus(list(cfg.data), val_fraction=cfg.val_fraction,
-                                                                     split_version=cfg.split_version)
+        self.corpus = corpus if corpus is not None else corpus_for(model_cfg, cfg, self.out)
         self.corpus.check(cfg.seq_len)  # too little text for one sequence: one clear error, before any work
         torch.manual_seed(cfg.seed)
         self.runtime = runtime
@@ -409,9 +420,9 @@ def evaluate(model: MoELM, corpus: Corpus, cfg: TrainConfig, runtime: Runtime = 
     layers = model.cfg.moe_layer_ids
     E = model.cfg.moe.n_experts
     counts_LDE = torch.zeros(len(layers), len(corpus.domains), E)
-    val_loss = {}
+    val_loss, val_bpb = {}, {}
     for d, dom in enumerate(corpus.domains):
-        tot, n = 0.0, 0.0
+        tot, n, n_bytes = 0.0, 0.0, 0.0
         for b in progress(corpus.val_batches(dom, cfg.batch_size, cfg.seq_len, cfg.eval_batches),
                           f"eval {dom}", total=cfg.eval_batches):
             b = to_device(b, runtime.device)
@@ -420,11 +431,15 @@ def evaluate(model: MoELM, corpus: Corpus, cfg: TrainConfig, runtime: Runtime = 
             k = float(b.valid_BS.sum())
             tot += float(lm_loss(logits_BSV=out.logits_BSV, targets_BS=b.targets_BS, valid_BS=b.valid_BS)) * k
             n += k
+            if corpus.byte_len_V is not None:  # a BPE vocabulary: the bytes each target id stands for
+                n_bytes += float(corpus.byte_len_V[b.targets_BS[b.valid_BS].cpu()].sum())
             for j, i in enumerate(layers):
                 counts_LDE[j, d] += out.moe[i].counts_E.float().cpu()
         val_loss[dom] = tot / max(n, 1.0)
+        # bits per byte of the text: nats per target id / ln 2 for byte ids, else summed nats over the bytes
+        val_bpb[dom] = (val_loss[dom] if corpus.byte_len_V is None else tot / max(n_bytes, 1.0)) / math.log(2)
     model.train(was)
-    return {"val_loss": val_loss, "val_bpb": {d: v / math.log(2) for d, v in val_loss.items()},
+    return {"val_loss": val_loss, "val_bpb": val_bpb,
             "expert_by_domain": {str(i): counts_LDE[j].tolist() for j, i in enumerate(layers)}}
 
 

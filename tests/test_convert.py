@@ -387,3 +387,40 @@ def test_conversion_reads_one_expert_at_a_time(tmp_path, monkeypatch):
     expert_reads.clear()
     import_hf(tmp_path / "hf", tmp_path / "back", verbose=False)
     assert len(expert_reads) == n_moe * c.moe.n_experts * 3 and max(expert_reads) <= one_expert // 2
+
+
+def test_a_bpe_run_reads_its_data_in_its_own_ids_and_reports_bits_per_byte(tmp_path):
+    """ModelConfig.tokenizer = a transformers tokenizer folder: the corpus holds that tokenizer's ids (the same
+    text as the byte corpus, same split), and validation bits per byte = summed nats over the target ids' bytes."""
+    import math
+
+    from moelab.config import ModelConfig, MoEConfig, TrainConfig
+    from moelab.data import build_corpus
+    from moelab.hf_tokenizer import HFTokenizer
+    from moelab.model import MoELM, lm_loss
+    from moelab.train import corpus_for, evaluate
+    bpe_tokenizer(tmp_path / "tok")
+    data = tmp_path / "data" / "code"
+    data.mkdir(parents=True)
+    for i in range(3):
+        (data / f"{i}.py").write_text(f"def hello(world):\n    return world + {i}\n" * 12)
+    mcfg = ModelConfig(moe=MoEConfig(d_model=16, d_expert=16, n_experts=4, top_k=2), d_model=16, n_layers=1,
+                       n_heads=2, d_dense=16, max_seq_len=32, vocab_size=320, tokenizer=str(tmp_path / "tok"))
+    cfg = TrainConfig(data=(str(data),), batch_size=2, seq_len=16, eval_batches=2)
+    corpus, by_bytes = corpus_for(mcfg, cfg), build_corpus([str(data)])
+    tok = HFTokenizer(tmp_path / "tok")
+    for split in ("train", "val"):
+        ids, raw = getattr(corpus, split)["code"], getattr(by_bytes, split)["code"]
+        assert int(ids.max()) < 320 and len(ids) < len(raw)  # BPE merges
+        assert tok.decode(ids) == bytes(raw[raw < 256].to(torch.uint8).tolist()).decode()
+    torch.manual_seed(0)
+    model = MoELM(mcfg).eval()
+    ev = evaluate(model, corpus, cfg)
+    nats = n_bytes = 0.0
+    with torch.no_grad():
+        for b in corpus.val_batches("code", 2, 16, 2):
+            k = float(b.valid_BS.sum())
+            nats += float(lm_loss(logits_BSV=model(b.idx_BS, valid_BS=b.valid_BS).logits_BSV,
+                                  targets_BS=b.targets_BS, valid_BS=b.valid_BS)) * k
+            n_bytes += float(tok.byte_lengths(320)[b.targets_BS[b.valid_BS]].sum())
+    assert ev["val_bpb"]["code"] == pytest.approx(nats / n_bytes / math.log(2), rel=1e-5)
