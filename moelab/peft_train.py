@@ -71,10 +71,10 @@ class _FromRun(Trainer):
     method = ""
 
     def __init__(self, init_from: str | Path, cfg: TrainConfig, out: str | Path, *, corpus: Corpus | None = None,
-                 verbose: bool = True, runtime: Runtime = Runtime(), ckpt: str | Path | None = None):
+                 verbose: bool = True, runtime: Runtime | None = None, ckpt: str | Path | None = None):
         path = checkpoint.latest(init_from, ckpt)
         model_cfg = ModelConfig.from_dict(checkpoint.read_state(path)["model_config"])
-        super().__init__(model_cfg, cfg, out, corpus=corpus, verbose=verbose, runtime=runtime)
+        super().__init__(model_cfg, cfg, out, corpus=corpus, verbose=verbose, runtime=runtime or Runtime())
         checkpoint.load_checkpoint(path, model=self.model)  # base weights and router state of the init run
         self.init_from, self.init_ckpt = str(init_from), str(path)
         self.trainable = 0
@@ -258,7 +258,7 @@ def _asked(args: argparse.Namespace) -> tuple[bool, bool]:
 
 
 def trainer_from_args(args: argparse.Namespace, train_cfg: TrainConfig, out: str | Path,
-                      runtime: Runtime = Runtime(), verbose: bool = True) -> Trainer | None:
+                      runtime: Runtime | None = None, verbose: bool = True) -> Trainer | None:
     """The LoRATrainer / ESFTTrainer the flags ask for, or None (no --lora-* / --esft flag: a plain run).
     With --resume and OUT/peft.json, the saved method and settings are used (differing flags are refused)."""
     lora, esft = _asked(args)

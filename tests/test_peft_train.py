@@ -38,8 +38,8 @@ def model_cfg(balance="loss_free") -> ModelConfig:
 
 
 def tcfg(**kw) -> TrainConfig:
-    base = dict(steps=4, batch_size=2, seq_len=16, warmup=1, eval_every=0, ckpt_every=0, eval_batches=1,
-                log_every=1000, lr=1e-2)
+    base = {"steps": 4, "batch_size": 2, "seq_len": 16, "warmup": 1, "eval_every": 0, "ckpt_every": 0,
+            "eval_batches": 1, "log_every": 1000, "lr": 1e-2}
     return TrainConfig(**{**base, **kw})
 
 
