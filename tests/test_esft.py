@@ -210,3 +210,17 @@ def test_choose_and_share():
     assert choose_experts(sc, ESFTConfig(score="token", top_p=0.6)) == {1: [0, 1]}
     assert choose_experts(sc, ESFTConfig(score="gate", top_p=0.6)) == {1: [2]}
     assert tuned_slot_share(sc, {1: [0, 1]}) == pytest.approx(0.75)
+
+
+def test_cli_lora_experts(base_run, corpus, tmp_path, monkeypatch, capsys):
+    from moelab import cli_lora
+    monkeypatch.setattr("moelab.data.build_corpus", lambda *a, **k: corpus)
+    sub = argparse.ArgumentParser().add_subparsers()
+    cli_lora.register(sub)
+    args = sub.choices["lora"].parse_args(["experts", str(base_run), "--top-p", "0.3", "--tokens", "64",
+                                           "--out", str(tmp_path / "x.json")])
+    assert args.func(args) == 0
+    experts, cfg = read_expert_config(tmp_path / "x.json")
+    saved = json.loads((tmp_path / "x.json").read_text())
+    assert experts == {1: select_experts(torch.tensor(saved["token_scores"]["1"]), 0.3)}
+    assert cfg.top_p == 0.3 and "ESFT-token" in capsys.readouterr().out
