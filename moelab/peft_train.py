@@ -213,7 +213,7 @@ def add_peft_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-rank", type=int, help="rank r of each LoRA expert (smora/flylora: total rank)")
     g.add_argument("--lora-top-k", type=int, help="LoRA experts (mixlora) or ranks (smora/flylora) per token")
     g.add_argument("--lora-targets", help="ffn (dense FFN + shared experts; routed experts excluded) | attn "
-                   "(qkv counts as one, out) | all | comma list of module names; default ffn")
+                   "(qkv counts as one, out) | all (default: works on every moelab model) | comma list of module names")
     g.add_argument("--lora-alpha", type=float, help="LoRA scale alpha / r (default 16)")
     g.add_argument("--lora-balance", choices=("aux", "loss_free", "none"), help="LoRA routers' balancing")
     g.add_argument("--esft", action="store_true", help="expert-specialised fine-tuning: train only the experts "
@@ -235,7 +235,7 @@ def _lora_config(args: argparse.Namespace) -> LoRAConfig:
     k = args.lora_top_k if args.lora_top_k is not None else min(d.top_k, n if variant == "mixlora" else rank)
     if variant == "lora" and n != 1:
         raise ValueError(f"--lora-experts={n} is invalid with --lora-variant lora: allowed 1 (or use mixlora)")
-    return LoRAConfig(variant=variant, n_experts=n, rank=rank, top_k=k, targets=args.lora_targets or d.targets,
+    return LoRAConfig(variant=variant, n_experts=n, rank=rank, top_k=k, targets=args.lora_targets or "all",
                       alpha=args.lora_alpha if args.lora_alpha is not None else d.alpha,
                       balance=args.lora_balance or d.balance)
 

@@ -172,7 +172,7 @@ def test_trainer_from_args(base_run, corpus, tmp_path, monkeypatch):
         trainer_from_args(p.parse_args(["--resume", "--lora-rank", "8"]), tcfg(steps=3), tmp_path / "x")
     plain = trainer_from_args(p.parse_args(["--init-from", str(base_run), "--lora-rank", "2"]), tcfg(),
                               tmp_path / "y", verbose=False)
-    assert plain.lora_cfg.variant == "lora" and plain.lora_cfg.n_experts == 1
+    assert (plain.lora_cfg.variant, plain.lora_cfg.n_experts, plain.lora_cfg.targets) == ("lora", 1, "all")
 
 
 def test_domain_corpus(corpus):
