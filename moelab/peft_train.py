@@ -80,7 +80,8 @@ class _FromRun(Trainer):
         self.trainable = 0
 
     def _ready(self, groups: list[dict]) -> None:
-        """Optimizer over `groups`; RNG re-seeded so a run does not depend on how the set-up used it."""
+        """Optimizer over `groups`; RNG re-seeded so a run does not depend on how the set-up used it.
+        (Trainer internals touched here and only here: opt, _rng_state, _rng_at_step_start.)"""
         self.opt = _optimizer(groups, self.cfg)
         torch.manual_seed(self.cfg.seed)
         self._rng_at_step_start = self._rng_state()
@@ -98,6 +99,8 @@ class _FromRun(Trainer):
 
     def fit(self, resume: bool = False, stop_at: int | None = None) -> dict:
         """Trainer.fit, with OUT/peft.json written first and trainable_params added to the summary."""
+        if checkpoint.list_checkpoints(self.out) and not resume:  # Trainer.fit's refusal, before writing anything
+            raise ValueError(f"--out {str(self.out)!r} already holds checkpoints: pass --resume or another --out")
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / PEFT_FILE).write_text(json.dumps(self.peft_meta(), indent=1))
         self.console.print(f"{self.method}: {self.trainable:,} trainable parameters, base {self.init_ckpt}")
@@ -180,6 +183,8 @@ class ESFTTrainer(_FromRun):
                 m.discard_observations()
 
     def fit(self, resume: bool = False, stop_at: int | None = None) -> dict:
+        if checkpoint.list_checkpoints(self.out) and not resume:
+            return super().fit(resume=resume, stop_at=stop_at)  # refuses before anything is written
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "esft.json").write_text(json.dumps(es.expert_config_json(self.experts, self.esft_cfg,
                                                                               self.scores), indent=1))

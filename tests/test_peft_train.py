@@ -188,3 +188,12 @@ def test_peft_claims_shape():
         assert {"title", "source", "matching", "arms", "tests", "metrics"} <= set(c)
         for t in c["tests"]:
             assert t["arm"] in c["arms"] and t["baseline"] in c["arms"], name
+
+
+def test_refuses_existing_run_without_touching_it(base_run, corpus, tmp_path):
+    cfg = tcfg(steps=2)
+    LoRATrainer(base_run, mix(), cfg, tmp_path / "ft", corpus=corpus, verbose=False).fit()
+    before = (tmp_path / "ft" / "peft.json").read_text()
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        LoRATrainer(base_run, mix(rank=3), cfg, tmp_path / "ft", corpus=corpus, verbose=False).fit()
+    assert (tmp_path / "ft" / "peft.json").read_text() == before
