@@ -166,52 +166,53 @@ def adapt(args) -> None:
     base_cfg = TrainConfig(steps=args.base_steps, batch_size=8, seq_len=128, warmup=20, eval_every=0, ckpt_every=0,
                            eval_batches=4, log_every=10_000)
     Trainer(tiny(), base_cfg, work / "base", corpus=domain_corpus(corpus, args.base_domain), verbose=False).fit()
-    ft = base_cfg.replace(steps=args.ft_steps, lr=args.lr, warmup=10, weight_decay=0.0, seed=1)
     rows = []
 
-    def record(name: str, model: MoELM, trainable: int, ept: float, extra: dict | None = None) -> None:
-        ev = evaluate(model, corpus, ft)
-        rows.append({"arm": name, "trainable": trainable, "experts_per_token": round(ept, 3),
+    def record(name: str, seed: int, model: MoELM, trainable: int, ept: float, extra: dict | None = None) -> None:
+        ev = evaluate(model, corpus, base_cfg)
+        rows.append({"arm": name, "seed": seed, "trainable": trainable, "experts_per_token": round(ept, 3),
                      "val_loss": ev["val_loss"], "mean": sum(ev["val_loss"].values()) / len(ev["val_loss"]),
                      "routed_specialization": round(routed_specialization(ev["expert_by_domain"]), 4),
                      **(extra or {})})
         print(rows[-1], flush=True)
 
     base, _ = load_model(work / "base")
-    record(f"base (trained on {args.base_domain} only)", base, 0, 0.0)
+    record(f"base (trained on {args.base_domain} only)", 0, base, 0, 0.0)
     K = base.cfg.moe.top_k
-    esft = {}
-    for score, p in (("token", 0.2), ("gate", 0.1)):
-        tr = ESFTTrainer(work / "base", ESFTConfig(score=score, top_p=p), ft, work / f"esft_{score}", corpus=corpus,
-                         verbose=False)
-        tr.fit()
-        esft[score] = tr.trainable
-        n_exp = sum(len(v) for v in tr.experts.values())
-        record(f"ESFT-{score.capitalize()} p={p} ({n_exp} of {len(tr.experts) * base.cfg.moe.n_experts} experts)",
-               tr.model, tr.trainable, K * tuned_slot_share(tr.scores, tr.experts), {"experts": tr.experts})
-    budget = esft["token"]
-    per_rank = LoRATrainer(work / "base", LoRAConfig(variant="lora", rank=1, targets="all"), ft, work / "probe",
-                           corpus=corpus, verbose=False).trainable
-    r1 = max(1, round(budget / per_rank))
-    probe = LoRATrainer(work / "base", LoRAConfig(variant="mixlora", n_experts=4, top_k=2, rank=1, targets="all"),
-                        ft, work / "probe2", corpus=corpus, verbose=False).trainable
-    gate = probe - 4 * per_rank
-    r4 = max(1, round((budget - gate) / (4 * per_rank)))
-    for name, c in ((f"one LoRA r={r1}", LoRAConfig(variant="lora", rank=r1, targets="all")),
-                    (f"mixlora E=4 k=2 r={r4}", LoRAConfig(variant="mixlora", n_experts=4, top_k=2, rank=r4,
-                                                          targets="all"))):
-        tr = LoRATrainer(work / "base", c, ft, work / c.variant, corpus=corpus, verbose=False)
-        tr.fit()
-        ept = experts_per_token(tr.model, c, corpus, ft)
-        record(name, tr.model, tr.trainable, ept, {"lora_specialization": lora_specialization(tr.model, corpus, ft)})
-    full = Trainer(tiny(), ft, work / "full", corpus=corpus, verbose=False)
-    load_checkpoint(latest(work / "base"), model=full.model)
-    full.fit()
-    record("full fine-tune", full.model, sum(p.numel() for p in full.model.parameters()), float(K))
+    seeds = [int(x) for x in args.seeds.split(",")]
+    for seed in seeds:  # per seed: fine-tuning data order, adapter init, ESFT's scored tokens
+        ft = base_cfg.replace(steps=args.ft_steps, lr=args.lr, warmup=10, weight_decay=0.0, seed=seed)
+        w = work / f"seed{seed}"
+        esft = {}
+        for score, p in (("token", 0.2), ("gate", 0.1)):
+            tr = ESFTTrainer(work / "base", ESFTConfig(score=score, top_p=p), ft, w / f"esft_{score}",
+                             corpus=corpus, verbose=False)
+            tr.fit()
+            esft[score] = tr.trainable
+            record(f"ESFT-{score.capitalize()} p={p}", seed, tr.model, tr.trainable,
+                   K * tuned_slot_share(tr.scores, tr.experts),
+                   {"experts": tr.experts, "n_experts": sum(len(v) for v in tr.experts.values())})
+        budget = esft["token"]
+        lora1 = LoRAConfig(variant="lora", rank=1, targets="all", seed=seed)
+        per_rank = LoRATrainer(work / "base", lora1, ft, w / "probe", corpus=corpus, verbose=False).trainable
+        r1 = max(1, round(budget / per_rank))
+        mix1 = LoRAConfig(variant="mixlora", n_experts=4, top_k=2, rank=1, targets="all", seed=seed)
+        gate = LoRATrainer(work / "base", mix1, ft, w / "probe", corpus=corpus, verbose=False).trainable - 4 * per_rank
+        r4 = max(1, round((budget - gate) / (4 * per_rank)))
+        for name, c in (("one LoRA (rank matched)", lora1.replace(rank=r1)),
+                        ("mixlora E=4 k=2 (rank matched)", mix1.replace(rank=r4))):
+            tr = LoRATrainer(work / "base", c, ft, w / c.variant, corpus=corpus, verbose=False)
+            tr.fit()
+            record(name, seed, tr.model, tr.trainable, experts_per_token(tr.model, c, corpus, ft),
+                   {"rank": c.rank, "lora_specialization": lora_specialization(tr.model, corpus, ft)})
+        full = Trainer(tiny(), ft, w / "full", corpus=corpus, verbose=False)
+        load_checkpoint(latest(work / "base"), model=full.model)
+        full.fit()
+        record("full fine-tune", seed, full.model, sum(p.numel() for p in full.model.parameters()), float(K))
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": os.uname().nodename,
            "threads": args.threads, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
            "wall_s": round(time.time() - t0, 1), "base_train_config": asdict(base_cfg), "base_domain": args.base_domain,
-           "adapt_train_config": asdict(ft), "rows": rows}
+           "adapt_train_config": asdict(ft), "seeds": seeds, "rows": rows}
     out = Path(args.out).with_name("bench_peft_adapt.json") if args.out == DEFAULT_OUT else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
@@ -231,6 +232,7 @@ def main() -> None:
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--adapt", action="store_true", help="only the domain-adaptation table (ESFT vs LoRA experts)")
     ap.add_argument("--base-domain", default="c", help="--adapt: the one domain the base is trained on")
+    ap.add_argument("--seeds", default="1,2", help="--adapt: fine-tuning seeds (comma list)")
     args = ap.parse_args()
     if args.adapt:
         return adapt(args)
