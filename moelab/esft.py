@@ -46,8 +46,8 @@ class ESFTConfig:
 
 class ExpertScores(NamedTuple):
     """ESFT relevance scores of one MoE layer's routed experts."""
-    token_E: Tensor   # share of routed slots per expert: count_e / (K * N)   (ESFT eq. 6, "token selection ratio")
-    gate_E: Tensor    # mean combine weight per expert: sum of its slot weights / N   (ESFT eq. 5, "gate score")
+    token_E: Tensor   # share of routed slots per expert: count_e / (K * N)   (ESFT "token selection ratio")
+    gate_E: Tensor    # mean combine weight per expert: sum of its slot weights / N   (ESFT "average gate score")
 
 
 # ---- the one place that names the expert weights (the lead's seam) -----------------------------------------
@@ -64,11 +64,12 @@ def moe_blocks(model: nn.Module) -> dict[int, MoELayer]:
 # ---- scores and selection ------------------------------------------------------------------------------------
 @torch.no_grad()
 def expert_scores(model: nn.Module, batches: list, n_sample_tokens: int | None = None) -> dict[int, ExpertScores]:
-    """Per MoE block: ESFT token and gate scores (arXiv 2407.01906 sec. 3.2, eqs. 5-6) over the real tokens of
-    `batches` (moelab.data.Batch), eval mode. As the authors' get_expert_scores.py: every selected slot adds
-    1/K to its expert's token score and its routing weight to the gate score, both divided by the number of
-    tokens N; batches are used whole until n_sample_tokens tokens are reached (their rule: stop after the
-    sample that crosses it). K is MoEConfig.top_k (slots with expert -1 count for no expert)."""
+    """Per MoE block: ESFT expert relevance scores (arXiv 2407.01906, ESFT-Token and ESFT-Gate) over the real
+    tokens of `batches` (moelab.data.Batch), eval mode. As the authors' get_expert_scores.py: every selected slot
+    adds 1/K to its expert's token score and its routing weight to the gate score, both divided by the number
+    of tokens N; batches are used whole until n_sample_tokens tokens are reached (their rule: stop after the
+    sample that crosses it). K is MoEConfig.top_k (slots with expert -1 count for no expert). Deviation: the
+    gate score uses moelab's combine weights (renormalised top-k when the config says so)."""
     was = model.training
     model.eval()
     E = model.cfg.moe.n_experts
