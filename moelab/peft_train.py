@@ -15,12 +15,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from moelab import checkpoint
 from moelab import esft as es
-from moelab.config import ModelConfig, TrainConfig
+from moelab.compare_claims import MARGIN, Check, Claim
+from moelab.config import TrainConfig
 from moelab.data import Corpus
 from moelab.lora import (
     LoRAConfig,
@@ -73,7 +73,7 @@ class _FromRun(Trainer):
     def __init__(self, init_from: str | Path, cfg: TrainConfig, out: str | Path, *, corpus: Corpus | None = None,
                  verbose: bool = True, runtime: Runtime | None = None, ckpt: str | Path | None = None):
         path = checkpoint.latest(init_from, ckpt)
-        model_cfg = ModelConfig.from_dict(checkpoint.read_state(path)["model_config"])
+        model_cfg = checkpoint.model_config_from(checkpoint.read_state(path)["model_config"], path / "state.json")
         super().__init__(model_cfg, cfg, out, corpus=corpus, verbose=verbose, runtime=runtime or Runtime())
         checkpoint.load_checkpoint(path, model=self.model)  # base weights and router state of the init run
         self.init_from, self.init_ckpt = str(init_from), str(path)
@@ -89,13 +89,6 @@ class _FromRun(Trainer):
     def peft_meta(self) -> dict:
         return {"method": self.method, "init_from": self.init_from, "init_ckpt": self.init_ckpt,
                 "trainable_params": self.trainable}
-
-    def save_checkpoint(self, rng=None) -> Path:
-        """The Trainer's checkpoint (whole model, optimizer, RNG) plus `peft` in state.json."""
-        meta = {"model_config": self.model_cfg.to_dict(), "train_config": asdict(self.cfg),
-                "domains": self.corpus.domains, "peft": self.peft_meta()}
-        return checkpoint.save_checkpoint(self.out, self.step, model=self.model, opt=self.opt,
-                                          extra=rng or self._rng_state(), meta=meta, keep_last=self.cfg.keep_last)
 
     def fit(self, resume: bool = False, stop_at: int | None = None) -> dict:
         """Trainer.fit, with OUT/peft.json written first and trainable_params added to the summary."""
@@ -192,16 +185,16 @@ class ESFTTrainer(_FromRun):
 
 
 def load_peft_model(run: str | Path, ckpt: str | Path | None = None) -> tuple[MoELM, dict]:
-    """Model (eval mode) and state.json of a run: LoRA runs rebuilt with their adapters (the checkpoint holds
-    the wrapped model), ESFT and plain runs as checkpoint.load_model."""
-    path = checkpoint.latest(run, ckpt)
-    meta = checkpoint.read_state(path)
-    lora = meta.get("peft", {}).get("lora")
+    """Model (eval mode) and state.json of a run: a LoRA run (RUN/peft.json names its LoRAConfig) rebuilt with
+    its adapters (its checkpoints hold the wrapped model), ESFT and plain runs as checkpoint.load_model."""
+    f = Path(run) / PEFT_FILE
+    lora = json.loads(f.read_text()).get("lora") if f.is_file() else None
     if lora is None:
         return checkpoint.load_model(run, ckpt)
-    model = MoELM(ModelConfig.from_dict(meta["model_config"]))
+    path = checkpoint.latest(run, ckpt)
+    model = MoELM(checkpoint.model_config_from(checkpoint.read_state(path)["model_config"], path / "state.json"))
     attach_lora_experts(model, LoRAConfig.from_dict(lora))
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    meta, _ = checkpoint.load_checkpoint(path, model=model)
     return model.eval(), meta
 
 
@@ -302,60 +295,53 @@ def lora_experts_per_token(model: nn.Module) -> float | None:
 
 
 # ---------------------------------------------------------------- claims for `moelab compare`
-# Spec entries in the shape of compare's Claim / Check (compare_claims.py), as plain dicts so this module does
-# not import compare. Two stages per arm: a base trained on `init.*` (one domain of the corpus), then the arm's
-# `peft.*` (or `compress.*`) step on the whole corpus; `train.*` keys are the adaptation run's. The runner needs
-# a stage hook for them (see docs/peft.md); metrics: val_loss, val_loss_by_domain, specialization (JS of the
-# routed experts by domain), lora_specialization (JS of the LoRA experts by domain), experts_per_token,
-# trainable_params.
-PEFT_CLAIMS: dict[str, dict] = {
-    "peft_moe": {
-        "title": "A mixture of LoRA experts adapts a base to new domains better than one LoRA or ESFT at equal "
-                 "trainable parameters",
-        "source": "MixLoRA, arXiv 2404.15159 (mixture beats one LoRA of equal trainable parameters); ESFT, arXiv "
-                  "2407.01906 (tuning the top-p relevant experts matches full fine-tuning and beats LoRA on the "
-                  "target domain)",
-        "matching": "Base: the preset trained on one domain (init.domain); every arm adapts it on all domains for "
-                    "the same steps, seed and data. ESFT-Token p=0.2 sets the budget: its trainable parameters "
-                    "(chosen experts x expert size) fix the rank of the single LoRA (targets=all) and of the "
-                    "mixture (E=4, top-2), equal to within one rank step; router parameters of the mixture "
-                    "counted. ESFT-Gate p=0.1 is reported at its own count.",
-        "base": {"init.domain": "c", "init.steps": 300, "train.steps": 150, "train.lr": 3e-3,
-                 "train.weight_decay": 0.0},
-        "arms": {"base": {"peft.method": "none"},
-                 "lora": {"peft.method": "lora", "peft.lora_variant": "lora", "peft.lora_targets": "all",
-                          "peft.lora_rank": "match:esft_token"},
-                 "mixlora": {"peft.method": "lora", "peft.lora_variant": "mixlora", "peft.lora_experts": 4,
-                             "peft.lora_top_k": 2, "peft.lora_targets": "all", "peft.lora_rank": "match:esft_token"},
-                 "esft_token": {"peft.method": "esft", "peft.esft_score": "token", "peft.esft_top_p": 0.2},
-                 "esft_gate": {"peft.method": "esft", "peft.esft_score": "gate", "peft.esft_top_p": 0.1}},
-        "metrics": ("val_loss", "trainable_params", "experts_per_token", "specialization", "lora_specialization"),
-        "by_domain": "val_loss",
-        "tests": ({"paper": "a mixture of LoRA experts beats one LoRA of equal trainable parameters (MixLoRA)",
-                   "arm": "mixlora", "baseline": "lora", "metric": "val_loss", "kind": "better"},
-                  {"paper": "ESFT beats LoRA at adapting to the target data (ESFT Table 2)", "arm": "esft_token",
-                   "baseline": "lora", "metric": "val_loss", "kind": "better"},
-                  {"paper": "mixture of LoRA experts is at least as good as ESFT at equal trainable parameters",
-                   "arm": "mixlora", "baseline": "esft_token", "metric": "val_loss", "kind": "noninferior",
-                   "margin": 0.01},
-                  {"paper": "adaptation helps: every method beats the base on the new domains", "arm": "lora",
-                   "baseline": "base", "metric": "val_loss", "kind": "better"}),
-    },
-    "merge_experts": {
-        "title": "MC-SMoE merging keeps more quality than random merging at the same expert count",
-        "source": "MC-SMoE, arXiv 2310.01334 (routing-policy grouping + neuron alignment + usage-weighted merge "
-                  "beats random / naive merging at half the experts)",
-        "matching": "Same trained base, same calibration batches (8 training batches), half the experts per MoE "
-                    "layer in both arms, same recovery fine-tune (50 steps, lr 1e-3); random groups over 3 seeds.",
-        "base": {"init.steps": 300, "compress.merge_to": 0.5, "compress.calib_batches": 8,
-                 "compress.recover_steps": 50},
-        "arms": {"mc_smoe": {"compress.method": "merge", "compress.by": "routing_similarity"},
-                 "random": {"compress.method": "merge", "compress.by": "random"}},
-        "metrics": ("val_loss", "val_loss_before_recovery", "expert_params"),
-        "by_domain": "val_loss",
-        "tests": ({"paper": "MC-SMoE merging beats random merging after recovery", "arm": "mc_smoe",
-                   "baseline": "random", "metric": "val_loss", "kind": "better"},
-                  {"paper": "MC-SMoE merging beats random merging before recovery", "arm": "mc_smoe",
-                   "baseline": "random", "metric": "val_loss_before_recovery", "kind": "better"}),
-    },
+# In compare's Claim / Check shape (moelab.compare_claims). Not in compare's CLAIMS yet: each arm has two stages,
+# a base run (`init.*`: trained on one domain) and the arm's step on it (`peft.*` or `compress.*`) on the whole
+# corpus, which compare's runner (one Trainer per arm) does not do; `train.*` keys are the adaptation run's.
+# "match:esft_token" = the rank whose trainable parameters equal the esft_token arm's. Metric names follow
+# compare.validation_metrics (val_loss, specialization, experts_per_token) plus trainable_params and
+# lora_specialization (JS of the LoRA experts by domain, benchmarks/bench_peft.py).
+PEFT_CLAIMS: dict[str, Claim] = {
+    "peft_moe": Claim(
+        title="Adapting an MoE to new domains: a mixture of LoRA experts vs one LoRA vs ESFT at equal trainable "
+              "parameters",
+        source="MixLoRA, arXiv 2404.15159 (mixture beats one LoRA of equal trainable parameters); ESFT, arXiv "
+               "2407.01906 (tuning the top-p relevant experts matches full fine-tuning and beats LoRA)",
+        matching="Base: the preset trained on one domain (init.domain); every arm adapts it on all domains for "
+                 "the same steps, seed and data. ESFT-Token p=0.2 sets the budget: its trainable parameters "
+                 "(chosen experts x expert size) fix the rank of the single LoRA (targets=all) and of the "
+                 "mixture (E=4, top-2, router counted), equal to within one rank step. ESFT-Gate p=0.1 at its "
+                 "own count.",
+        base={"init.domain": "c", "init.steps": 300, "train.steps": 150, "train.lr": 3e-3,
+              "train.weight_decay": 0.0},
+        arms={"base": {"peft.method": "none"},
+              "lora": {"peft.method": "lora", "peft.lora_variant": "lora", "peft.lora_targets": "all",
+                       "peft.lora_rank": "match:esft_token"},
+              "mixlora": {"peft.method": "lora", "peft.lora_variant": "mixlora", "peft.lora_experts": 4,
+                          "peft.lora_top_k": 2, "peft.lora_targets": "all", "peft.lora_rank": "match:esft_token"},
+              "esft_token": {"peft.method": "esft", "peft.esft_score": "token", "peft.esft_top_p": 0.2},
+              "esft_gate": {"peft.method": "esft", "peft.esft_score": "gate", "peft.esft_top_p": 0.1}},
+        metrics=("val_loss", "trainable_params", "experts_per_token", "specialization", "lora_specialization"),
+        by_domain="val_loss",
+        tests=(Check("a mixture of LoRA experts beats one LoRA of equal trainable parameters (MixLoRA)", "mixlora",
+                     "lora", "val_loss"),
+               Check("ESFT beats LoRA at equal trainable parameters (ESFT)", "esft_token", "lora", "val_loss"),
+               Check("a mixture of LoRA experts is at least as good as ESFT at equal trainable parameters",
+                     "mixlora", "esft_token", "val_loss", kind="noninferior", margin=MARGIN),
+               Check("adaptation helps: one LoRA beats the base on the new domains", "lora", "base", "val_loss"))),
+    "merge_experts": Claim(
+        title="MC-SMoE merging keeps more quality than random merging at the same expert count",
+        source="MC-SMoE, arXiv 2310.01334 (routing-policy grouping + neuron alignment + usage-weighted merge "
+               "beats random / naive merging at half the experts)",
+        matching="Same trained base and calibration batches (8 training batches), half the experts per MoE "
+                 "layer in both arms, same recovery fine-tune (50 steps, lr 1e-3).",
+        base={"init.steps": 300, "compress.merge_to": 0.5, "compress.calib_batches": 8,
+              "compress.recover_steps": 50},
+        arms={"mc_smoe": {"compress.method": "merge", "compress.by": "routing_similarity"},
+              "random": {"compress.method": "merge", "compress.by": "random"}},
+        metrics=("val_loss", "val_loss_before_recovery", "expert_params"),
+        by_domain="val_loss",
+        tests=(Check("MC-SMoE merging beats random merging after recovery", "mc_smoe", "random", "val_loss"),
+               Check("MC-SMoE merging beats random merging before recovery", "mc_smoe", "random",
+                     "val_loss_before_recovery"))),
 }

@@ -130,7 +130,8 @@ def test_reload_adapter_and_merge(base_run, corpus, tmp_path):
     want = tr.model(b.idx_BS, valid_BS=b.valid_BS).logits_BSV
     m, meta = load_peft_model(tmp_path / "ft")
     torch.testing.assert_close(m(b.idx_BS, valid_BS=b.valid_BS).logits_BSV, want)
-    assert meta["peft"]["init_from"] == str(base_run)
+    assert json.loads((tmp_path / "ft" / "peft.json").read_text())["init_from"] == str(base_run)
+    assert meta["step"] == 4
     # the PEFT folder on the init run, merged into plain weights: same logits
     m2 = base_model(base_run)
     load_lora(m2, tmp_path / "ft" / "adapter")
@@ -184,10 +185,12 @@ def test_domain_corpus(corpus):
 
 
 def test_peft_claims_shape():
+    from moelab.compare_claims import Claim
+    from moelab.compare_stats import KINDS
     for name, c in PEFT_CLAIMS.items():
-        assert {"title", "source", "matching", "arms", "tests", "metrics"} <= set(c)
-        for t in c["tests"]:
-            assert t["arm"] in c["arms"] and t["baseline"] in c["arms"], name
+        assert isinstance(c, Claim)
+        for t in c.tests:
+            assert t.arm in c.arms and t.baseline in c.arms and t.kind in KINDS, name
 
 
 def test_refuses_existing_run_without_touching_it(base_run, corpus, tmp_path):
