@@ -367,7 +367,7 @@ def test_sigkill_then_resume_equals_a_straight_run(tmp_path, data):
     m = out / "metrics.jsonl"
     m.write_text(m.read_text() + '{"kind": "tr')  # what a crash mid-write leaves
     ck = int(list_checkpoints(out)[-1].name[5:])
-    from moelab.resolve import resolve
+    from moelab.resolver import resolve
     cfg = resolve(file=out / "config.json")  # the same run, uninterrupted (schedule of 10000 steps), to ck + 3
     assert main(["train", "--resume", "--steps", str(ck + 3), "--out", str(out), "--threads", "1"]) == 0
     Trainer(cfg.model, cfg.train, tmp_path / "s", verbose=False).fit(stop_at=ck + 3)
