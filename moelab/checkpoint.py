@@ -266,7 +266,8 @@ def check_run_config(path: str | Path) -> None:
                          f"(model_config, train_config)") from None
     if isinstance(data, dict) and "model_config" in data:
         model_config_from(data["model_config"], path)
-        train_config_from(data.get("train_config", {}), path)
+        if "train_config" in data:
+            train_config_from(data["train_config"], path)
 
 
 def latest(run: str | Path, ckpt: str | Path | None = None) -> Path:
@@ -287,7 +288,8 @@ def load_model(run: str | Path, ckpt: str | Path | None = None) -> tuple[MoELM, 
     path = latest(run, ckpt)
     state = read_state(path)
     model = MoELM(model_config_from(state["model_config"], path / "state.json"))
-    train_config_from(state.get("train_config", {}), path / "state.json")  # callers read it: fail here if unknown
+    if "train_config" in state:  # callers read it: fail here if a field is unknown
+        train_config_from(state["train_config"], path / "state.json")
     meta, _ = load_checkpoint(path, model=model)
     return model.eval(), meta
 

@@ -90,7 +90,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         run = resolve(args.preset, args.config, overrides)
     if args.nproc is not None or args.ep is not None or "WORLD_SIZE" in os.environ:  # expert x data parallel
-        if args.init_from:
+        if args.init_from or (out / "peft.json").exists():
             raise ValueError("--init-from is single-process: allowed without --nproc / --ep / torchrun")
         from moelab.ep_train import launch
         from moelab.rebalance import ep_options  # --placement, --rebalance-every/-window
@@ -103,11 +103,14 @@ def _train(args: argparse.Namespace) -> int:
     if fresh_init and tok != "bytes" and not Path(tok).is_absolute():  # the run's tokenizer folder comes along
         from moelab.hf_tokenizer import copy_tokenizer
         copy_tokenizer(Path(args.init_from) / tok, out / tok)
-    trainer = Trainer(run.model, run.train, out, runtime=runtime_of(args))
+    from moelab.peft_train import trainer_from_args
+    rt = runtime_of(args)
+    peft = trainer_from_args(args, run.train, out, runtime=rt)  # --lora-* / --esft: base loaded and frozen there
+    trainer = peft if peft is not None else Trainer(run.model, run.train, out, runtime=rt)
     if args.tensorboard:
         from moelab.tensorboard import EventWriter
         trainer.log_sinks.append(EventWriter(out / "tb").write)
-    if fresh_init:
+    if fresh_init and peft is None:
         init_from(trainer.model, args.init_from)
     summary = trainer.fit(resume=args.resume)
     Console().print(val_table(summary))
@@ -116,11 +119,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from moelab.checkpoint import load_model
     from moelab.config import TrainConfig
+    from moelab.peft_train import load_peft_model  # a LoRA run comes back with its adapters
     from moelab.train import corpus_for, evaluate, val_table
     rt = runtime_of(args)
-    model, meta = load_model(args.run, args.ckpt)
+    model, meta = load_peft_model(args.run, args.ckpt)
     cfg = TrainConfig.from_dict(meta["train_config"])
     if args.batches is not None:
         if args.batches < 1:
@@ -203,6 +206,8 @@ def register(sub) -> None:
     t.add_argument("--init-from", help="start from the weights of this run's latest checkpoint (an imported or "
                    "upcycled run, or any run) with a fresh optimizer and schedule; without --preset/--config the "
                    "model and train config are that run's")
+    from moelab.peft_train import add_peft_flags  # --lora-* / --esft: after --init-from, which they need
+    add_peft_flags(t)
     t.add_argument("--tensorboard", action="store_true", help="also log metrics as TensorBoard events in OUT/tb "
                    "(needs the optional `tensorboard` package: pip install moelab[tb])")
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint with its saved "
