@@ -309,3 +309,11 @@ def trace_hf_path(path_or_name: str, data: list[str] | None = None, *, seq_len: 
     doms, wins = windows(token_docs, seq_len, max_tokens)
     return trace_hf(model, wins, doms, batch_size=batch_size, logits=logits, decode=lambda t: tok.decode([t]),
                     meta={"model": str(path_or_name), "seq_len": seq_len})
+
+
+# ---- moelab inside transformers models: the experts backend (hf_backend.py) and balancing (hf_balance.py) ----
+
+def register() -> str:
+    """Register experts_implementation="moelab" with transformers (explicit, idempotent); returns the name."""
+    from moelab.hf_backend import register as register_backend
+    return register_backend()
