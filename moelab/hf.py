@@ -317,3 +317,16 @@ def register() -> str:
     """Register experts_implementation="moelab" with transformers (explicit, idempotent); returns the name."""
     from moelab.hf_backend import register as register_backend
     return register_backend()
+
+
+def attach(model: nn.Module, balance: str = "loss_free", *, rate: float = 1e-3, aux_coef: float = 1e-2,
+           add_to_loss: bool = False, bias_from: str | None = None):
+    """Hook every MoE block of a transformers model for moelab's BalanceStats and balancing (loss_free | global |
+    aux | none); returns the moelab.hf_balance.HFBalance (losses(), loss(), step(), take_stats(), callback(),
+    detach()). Registers experts_implementation="moelab" too. Reads a saved loss-free bias sidecar back from
+    `bias_from` or the model's own folder."""
+    from moelab.hf_balance import HFBalance, HFBalanceConfig
+    register()
+    blocks = moe_blocks(model)
+    return HFBalance(model, blocks, [n_experts_of(b) for b in blocks],
+                     HFBalanceConfig(balance, rate, aux_coef, add_to_loss), bias_from)
