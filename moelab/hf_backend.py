@@ -26,6 +26,15 @@ def _default_apply_gate():
     return moe._default_apply_gate
 
 
+def _is_silu(act) -> bool:
+    """Does `act` compute SiLU (then moelab's fused SwiGLU replaces act(gate) * up)? Probed, not named."""
+    if not isinstance(act, nn.Module) and not callable(act):
+        return False
+    probe = torch.linspace(-6.0, 6.0, 25)
+    with torch.no_grad():
+        return torch.allclose(act(probe), torch.nn.functional.silu(probe), atol=1e-6)
+
+
 class HFExpertsWeights:
     """Expert-weights provider over a transformers experts module, honouring its layout flags:
     is_transposed (weights stored (E, D, G) / (E, F, D), e.g. GPT-OSS) or not ((E, G, D) / (E, D, F), read
@@ -58,7 +67,7 @@ class HFExpertsWeights:
         act = getattr(module, "act_fn", None)
         if not custom and act is None:
             raise ValueError(f"experts_implementation={NAME!r}: {where} has no act_fn: unsupported experts layout")
-        self._silu = isinstance(act, nn.SiLU) and module.is_concatenated and module.has_gate
+        self._silu = not custom and module.has_gate and module.is_concatenated and _is_silu(act)
 
     @property
     def n_experts(self) -> int:

@@ -83,6 +83,7 @@ def test_provider_gives_views_of_the_module_weights():
     ex = getattr(moe_blocks(model)[0].module, "experts")
     w = HFExpertsWeights(ex).stacked()
     assert w.w_up.data_ptr() == ex.gate_up_proj.data_ptr() and w.w_up.shape == ex.gate_up_proj.transpose(1, 2).shape
+    assert HFExpertsWeights(ex)._silu  # transformers' SiLU recognised: moelab's fused SwiGLU runs
     assert w.w_down.data_ptr() == ex.down_proj.data_ptr() and w.w_down.shape[1:] == (ex.down_proj.shape[2],
                                                                                   ex.down_proj.shape[1])
 
