@@ -80,7 +80,7 @@ def test_register_is_idempotent_and_selectable_by_name(tmp_path):
 
 def test_provider_gives_views_of_the_module_weights():
     model = _model("qwen3_moe")
-    ex = getattr(moe_blocks(model)[0].module, "experts")
+    ex = moe_blocks(model)[0].module.experts
     w = HFExpertsWeights(ex).stacked()
     assert w.w_up.data_ptr() == ex.gate_up_proj.data_ptr() and w.w_up.shape == ex.gate_up_proj.transpose(1, 2).shape
     assert HFExpertsWeights(ex)._silu  # transformers' SiLU recognised: moelab's fused SwiGLU runs
@@ -142,3 +142,31 @@ def test_unsupported_layout_names_the_module_class():
 
     with pytest.raises(ValueError, match="NotDecorated"):
         moelab_experts_forward(NotDecorated(), torch.zeros(1, 4), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1))
+
+
+def test_post_expert_norm_runs_on_each_expert_output_before_the_weight():
+    from transformers.integrations import moe
+
+    class Normed(nn.Module):  # a has_post_expert_norm module built by hand (transformers' flags set directly)
+        _apply_gate = moe._default_apply_gate
+
+        def __init__(self):
+            super().__init__()
+            self.has_gate, self.is_concatenated, self.is_transposed, self.has_bias = True, True, False, False
+            self.has_post_expert_norm = True
+            self.gate_up_proj = nn.Parameter(torch.randn(3, 12, 8))
+            self.down_proj = nn.Parameter(torch.randn(3, 8, 6))
+            self.act_fn = nn.SiLU()
+            self.post_expert_norm = nn.LayerNorm(8)
+            self.num_experts = 3
+
+    m = Normed()
+    x_TD, idx_TK, w_TK = torch.randn(4, 8), torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1]]), torch.rand(4, 2)
+    y_TD = moelab_experts_forward(m, x_TD, idx_TK, w_TK)
+    ref = torch.zeros_like(x_TD)
+    for t in range(4):
+        for k in range(2):
+            e = int(idx_TK[t, k])
+            gate, up = (x_TD[t] @ m.gate_up_proj[e].T).chunk(2)
+            ref[t] += w_TK[t, k] * m.post_expert_norm((nn.functional.silu(gate) * up) @ m.down_proj[e].T)
+    torch.testing.assert_close(y_TD, ref, atol=1e-4, rtol=1e-4)
