@@ -3,7 +3,8 @@
 A tiny random-weight Qwen3-MoE (a few layers, fine-grained experts) built from its config (no download); every
 implementation runs the same weights and inputs, interleaved in one process (A B C D, then rotated) after
 warm-up. Reported: the median over rounds of each implementation's time divided by moelab's time in the same
-round (> 1 = moelab faster), for the forward, forward+backward, and greedy generate (KV cache) tokens/s.
+round (> 1 = moelab faster), for the forward, forward+backward, greedy generate (KV cache) tokens/s, and the
+experts call alone at T = 1, 32, 512 tokens (decode-sized to prefill-sized).
 Both clocks are kept: process CPU time (the table's: on a shared, oversubscribed CPU the wall clock mostly
 measures waiting for a core) and wall time. Default one thread, so CPU time is the work of one core.
 Run: `python benchmarks/bench_hf.py` (`--quick`: tiny shapes, a smoke test). Writes
@@ -70,9 +71,23 @@ def run(args) -> dict:
         with torch.no_grad():
             model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
 
+    blk = model.model.layers[0].mlp
+    calls = []
+    for T in args.call_tokens:  # the experts call alone (T tokens, the block's own routing), no grad
+        x_TD = torch.randn(T, args.d, generator=g)
+        with torch.no_grad():
+            _, w_TK, idx_TK = blk.gate(x_TD)
+        n = max(1, args.call_rows // T)
+
+        def call(x_TD=x_TD, w_TK=w_TK, idx_TK=idx_TK, n=n):
+            with torch.no_grad():
+                for _ in range(n):
+                    blk.experts(x_TD, idx_TK, w_TK)
+        calls.append((f"experts call T={T}", call))
+
     out = {}
-    for name, fn in (("forward", fwd), ("forward+backward", fwd_bwd), ("generate", generate)):
-        impls = [i for i in IMPLS if not (i == "batched_mm" and name != "generate" and args.skip_batched)]
+    for name, fn in (("forward", fwd), ("forward+backward", fwd_bwd), ("generate", generate), *calls):
+        impls = [i for i in IMPLS if not (i == "batched_mm" and name.startswith("forward") and args.skip_batched)]
         times = {i: [] for i in impls}
         for r in range(args.warmup + args.rounds):
             order = impls[r % len(impls):] + impls[: r % len(impls)]
@@ -104,9 +119,11 @@ def main() -> None:
     p.add_argument("--skip-batched", action="store_true", help="leave batched_mm out of fwd / fwd+bwd")
     args = p.parse_args()
     shape = {"vocab": 2048, "d": 128, "f": 64, "e": 64, "k": 8, "layers": 2, "batch": 2, "seq": 256, "prompt": 32,
-             "new_tokens": 32, "warmup": 1}
+             "new_tokens": 32, "warmup": 1,
+             "call_tokens": (1, 32, 512), "call_rows": 2048}
     if args.quick:
-        shape.update(d=32, f=16, e=8, k=2, layers=2, batch=2, seq=32, prompt=8, new_tokens=4, warmup=1)
+        shape.update(d=32, f=16, e=8, k=2, layers=2, batch=2, seq=32, prompt=8, new_tokens=4, warmup=1,
+                     call_tokens=(1, 32), call_rows=64)
         args.rounds = min(args.rounds, 3)
     for k, v in shape.items():
         setattr(args, k, v)

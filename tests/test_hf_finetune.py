@@ -64,7 +64,8 @@ def _max_vio(model, bal, ids) -> float:
 def test_loss_free_finetune_lowers_max_vio_on_held_out_batch(tmp_path):
     tok = byte_bpe()
     docs = builtin_documents()[::25]
-    cfg = dict(steps=30, batch_size=4, seq_len=32, lr=3e-4, max_tokens=20000, eval_batches=1, rate=0.02)
+    cfg = {"steps": 30, "batch_size": 4, "seq_len": 32, "lr": 3e-4, "max_tokens": 20000, "eval_batches": 1,
+           "rate": 0.02}
     held_out = torch.tensor(tok(document_text(docs[-1].data)[-3000:])["input_ids"][:256]).view(4, 64)
     vio = {}
     for mode in ("none", "loss_free"):
@@ -112,7 +113,7 @@ def test_bias_changes_selection_only_and_steps_by_sign_of_load():
         model(ids)
         r = rec.take()[0]
     probs_TE = torch.softmax(r.logits_TE, -1)
-    want_idx = torch.topk(probs_TE + list(bal.biases().values())[0], 2).indices
+    want_idx = torch.topk(probs_TE + next(iter(bal.biases().values())), 2).indices
     assert torch.equal(r.expert_idx_TK.sort(-1).values, want_idx.sort(-1).values)
     w = probs_TE.gather(1, r.expert_idx_TK)
     torch.testing.assert_close(r.weight_TK, w / w.sum(-1, keepdim=True), atol=1e-6, rtol=1e-5)
