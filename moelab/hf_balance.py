@@ -144,6 +144,9 @@ class HFBalance:
         return (*out[:1], new_w_TK.to(w_TK.dtype), idx_TK.to(out[2].dtype), *out[3:])
 
     def _on_experts(self, lay: _Layer, mod, args):
+        if len(args) < 3:
+            raise ValueError(f"moelab.hf.attach: {lay.name}.{lay.adapter.experts} was not called as "
+                             f"experts(hidden_states, top_k_index, top_k_weights) positionally")
         idx_TK = args[1].reshape(-1, args[1].shape[-1])
         idx_TK = torch.where((idx_TK >= 0) & (idx_TK < lay.E), idx_TK, -1).long()
         counts_E = balance.expert_counts(expert_idx_TK=idx_TK.detach(), n_experts=lay.E)
