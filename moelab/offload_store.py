@@ -280,10 +280,11 @@ def _moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
 
 
-def offload_model(model: nn.Module, weights_file: str | Path, *, capacity: int, policy: str = "lru"
+def offload_model(model: nn.Module, weights_file: str | Path, *, capacity: int | str, policy: str = "lru"
                   ) -> ExpertStore:
     """Turn a moelab model's routed experts into offloaded ones read from `weights_file` (the checkpoint's
-    model.safetensors): loads every other tensor from the file, replaces each MoE layer's expert weights by an
+    model.safetensors), at most `capacity` materialised per layer (an int, or text for parse_cache_experts:
+    '16', '2x' top-k, '64MB' for all layers): loads every other tensor from the file, replaces each MoE layer's expert weights by an
     OffloadedExperts provider (freeing them if they were materialised) and returns the store (its .stats)."""
     from safetensors import safe_open
     layers = _moe_layers(model)
@@ -298,6 +299,11 @@ def offload_model(model: nn.Module, weights_file: str | Path, *, capacity: int, 
         expert_keys |= {up, down}
         sources.append(SafetensorsExperts(weights_file, up, down))
         acts.append(w.activation)
+    if not sources:
+        raise ValueError("the model has no MoE layer: nothing to offload")
+    top_k = max(layer.cfg.top_k for _, layer in layers)
+    if isinstance(capacity, str):
+        capacity = parse_cache_experts(capacity, len(sources), sources[0].expert_bytes, top_k)
     own = {k for k in model.state_dict() if k not in expert_keys}
     with safe_open(str(weights_file), "pt") as f:
         missing = own - set(f.keys())
@@ -306,8 +312,7 @@ def offload_model(model: nn.Module, weights_file: str | Path, *, capacity: int, 
                              f"({len(missing)} tensors missing): not this model's checkpoint")
         sd = {k: f.get_tensor(k) for k in own}
     gates = [layer.gate.weight.detach() for _, layer in layers]
-    store = ExpertStore(sources, capacity, policy, gates=gates,
-                        top_k=max((layer.cfg.top_k for _, layer in layers), default=1))
+    store = ExpertStore(sources, capacity, policy, gates=gates, top_k=top_k)
     for i, ((_, layer), act) in enumerate(zip(layers, acts)):
         re = layer.experts  # the layer's RoutedExperts: only its provider and path change
         del re.weights  # the (meta or materialised) Experts module goes; its memory is freed
@@ -317,7 +322,7 @@ def offload_model(model: nn.Module, weights_file: str | Path, *, capacity: int, 
     return store
 
 
-def load_offloaded(run: str | Path, ckpt: str | Path | None = None, *, capacity: int, policy: str = "lru"):
+def load_offloaded(run: str | Path, ckpt: str | Path | None = None, *, capacity: int | str, policy: str = "lru"):
     """(model in eval mode, store): a run's checkpoint with its routed experts left in model.safetensors."""
     from moelab.checkpoint import latest, read_state
     from moelab.config import ModelConfig
@@ -327,3 +332,36 @@ def load_offloaded(run: str | Path, ckpt: str | Path | None = None, *, capacity:
         model = MoELM(ModelConfig.from_dict(read_state(path)["model_config"]))
     store = offload_model(model, path / "model.safetensors", capacity=capacity, policy=policy)
     return model.eval(), store
+
+
+def memory_now() -> dict[str, int]:
+    """This process's memory in bytes from /proc/self/smaps_rollup (Linux): anonymous (heap, tensors; not
+    the mapped file's pages), private_dirty, rss (with mapped file pages) and pss; {} where unavailable."""
+    try:
+        text = Path("/proc/self/smaps_rollup").read_text()
+    except OSError:
+        return {}
+    want = {"Anonymous": "anonymous", "Private_Dirty": "private_dirty", "Rss": "rss", "Pss": "pss"}
+    out = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        if name in want:
+            out[want[name]] = int(rest.split()[0]) * 1024
+    return out
+
+
+def parse_cache_experts(text: str, n_layers: int, expert_bytes: int, top_k: int) -> int:
+    """'16' -> 16 experts per layer; '2x' -> 2 * top_k; '64MB' / '1GiB' -> that byte budget for all layers'
+    caches, in experts per layer (as moelab.offload.parse_caches)."""
+    from moelab.offload import parse_caches
+    t = str(text).strip()
+    try:
+        if t.lower().endswith("x"):
+            t = str(int(float(t[:-1]) * top_k))
+        out = parse_caches(t, n_layers, expert_bytes)
+    except ValueError:
+        raise ValueError(f"--cache-experts {text!r} is invalid: allowed experts per layer (16) or a byte budget "
+                         f"for all layers (64MB, 1GiB)") from None
+    if len(out) != 1 or out[0] < 0:
+        raise ValueError(f"--cache-experts {text!r} is invalid: allowed one value >= 0")
+    return out[0]
