@@ -259,13 +259,13 @@ class _OffloadPath:
 
 
 @contextmanager
-def experts_on_meta():
-    """Build models inside this and moelab `Experts` parameters are created on the meta device (never
-    allocated or initialised); everything else is built as usual."""
+def experts_unallocated():
+    """Build models inside this and moelab `Experts` parameters are created empty: their last dim is 0, so they
+    hold no memory and their init touches nothing, while every other shape (E first) is kept. (Not the meta
+    device: its first use imports torch's meta kernels, ~70 MB of Python heap.) offload_model replaces them."""
     def hook(module, name, param):
-        if isinstance(module, Experts) and param is not None and param.device.type != "meta":
-            return nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
-                                requires_grad=param.requires_grad)
+        if isinstance(module, Experts) and param is not None and param.numel():
+            return nn.Parameter(param.new_empty(*param.shape[:-1], 0), requires_grad=param.requires_grad)
         return None
     handle = nn.modules.module.register_module_parameter_registration_hook(hook)
     try:
@@ -315,7 +315,7 @@ def offload_model(model: nn.Module, weights_file: str | Path, *, capacity: int |
     store = ExpertStore(sources, capacity, policy, gates=gates, top_k=top_k)
     for i, ((_, layer), act) in enumerate(zip(layers, acts)):
         re = layer.experts  # the layer's RoutedExperts: only its provider and path change
-        del re.weights  # the (meta or materialised) Experts module goes; its memory is freed
+        del re.weights  # the (empty or materialised) Experts module goes; its memory is freed
         re.weights, re.path = OffloadedExperts(store, i, act), _OffloadPath()
         re.register_forward_pre_hook(lambda mod, args, i=i: store.tokens.__setitem__(i, args[0].shape[0]))
     model.load_state_dict(sd, strict=False)
@@ -328,7 +328,7 @@ def load_offloaded(run: str | Path, ckpt: str | Path | None = None, *, capacity:
     from moelab.config import ModelConfig
     from moelab.model import MoELM
     path = latest(run, ckpt)
-    with experts_on_meta():
+    with experts_unallocated():
         model = MoELM(ModelConfig.from_dict(read_state(path)["model_config"]))
     store = offload_model(model, path / "model.safetensors", capacity=capacity, policy=policy)
     return model.eval(), store
