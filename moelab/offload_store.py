@@ -12,6 +12,7 @@ E=routed experts, D=d_model, F=expert hidden, G=fused gate|up width, R=dispatche
 from __future__ import annotations
 
 import threading
+from functools import partial
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -223,15 +224,12 @@ class OffloadedExperts:
 
     resident = False
 
-    def __init__(self, store: ExpertStore, layer: int, activation: str):
-        self.store, self.layer, self.activation = store, layer, activation
+    def __init__(self, store: ExpertStore, layer: int, act):
+        self.store, self.layer, self.act = store, layer, act  # act(h_RG) -> a_RF, the layer's gate function
 
     @property
     def n_experts(self) -> int:
         return self.store.E
-
-    def act(self, h_RG: Tensor) -> Tensor:
-        return activate(h_RG, self.activation)
 
     def stacked(self) -> ExpertTensors:
         raise ValueError("offloaded experts are read one by one: stacked() would materialise every expert "
@@ -256,6 +254,12 @@ class _OffloadPath:
         experts = torch.nonzero(counts_E).flatten().tolist()
         weights.store.request(weights.layer, experts, x_RD)
         return self.inner.run(x_RD, counts_E, weights)
+
+
+def attach(routed: nn.Module, store: ExpertStore, layer: int, act) -> None:
+    """Make a RoutedExperts read its experts from `store` (cache `layer`): only its provider and path change."""
+    routed.weights, routed.path = OffloadedExperts(store, layer, act), _OffloadPath()
+    routed.register_forward_pre_hook(lambda mod, args: store.tokens.__setitem__(layer, args[0].shape[0]))
 
 
 @contextmanager
@@ -298,7 +302,7 @@ def offload_model(model: nn.Module, weights_file: str | Path, *, capacity: int |
         up, down = (f"{name}.experts.weights.{pname[id(t)]}" for t in (st.w_up, st.w_down))
         expert_keys |= {up, down}
         sources.append(SafetensorsExperts(weights_file, up, down))
-        acts.append(w.activation)
+        acts.append(partial(activate, activation=w.activation))
     if not sources:
         raise ValueError("the model has no MoE layer: nothing to offload")
     top_k = max(layer.cfg.top_k for _, layer in layers)
@@ -314,10 +318,8 @@ def offload_model(model: nn.Module, weights_file: str | Path, *, capacity: int |
     gates = [layer.gate.weight.detach() for _, layer in layers]
     store = ExpertStore(sources, capacity, policy, gates=gates, top_k=top_k)
     for i, ((_, layer), act) in enumerate(zip(layers, acts)):
-        re = layer.experts  # the layer's RoutedExperts: only its provider and path change
-        del re.weights  # the (empty or materialised) Experts module goes; its memory is freed
-        re.weights, re.path = OffloadedExperts(store, i, act), _OffloadPath()
-        re.register_forward_pre_hook(lambda mod, args, i=i: store.tokens.__setitem__(i, args[0].shape[0]))
+        del layer.experts.weights  # the (empty or materialised) Experts module goes; its memory is freed
+        attach(layer.experts, store, i, act)
     model.load_state_dict(sd, strict=False)
     return store
 
