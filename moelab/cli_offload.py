@@ -63,7 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "in model.safetensors (memory-mapped) and at most --cache-experts of them "
                                       "materialised per MoE layer; prints the text, and tokens/s, hit rate and "
                                       "memory on stderr. Same tokens as the fully loaded model.")
-    gen.add_argument("run", help="run folder written by `moelab train`")
+    gen.add_argument("run", nargs="?", help="run folder written by `moelab train` (or --hf DIR)")
+    gen.add_argument("--hf", metavar="DIR", help="a local transformers MoE model folder instead of a moelab run: its "
+                     "experts run through moelab's experts backend, read from DIR's safetensors")
     gen.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
     gen.add_argument("--ckpt", help="a checkpoint folder (default: the run's latest)")
     gen.add_argument("--max-new-tokens", type=int, default=200, help="bytes to sample (default 200)")
@@ -121,6 +123,16 @@ def cmd_generate(args) -> int:
         torch.set_num_threads(args.threads)
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} is invalid: allowed an integer >= 0")
+    if (args.run is None) == (args.hf is None):
+        raise ValueError("give a run folder or --hf DIR (one of them)")
+    if args.hf:
+        from moelab.hf_offload import generate_hf_offloaded
+        text, n, dt, store = generate_hf_offloaded(args.hf, args.prompt, capacity=args.cache_experts,
+                                                   policy=args.policy, max_new_tokens=args.max_new_tokens,
+                                                   temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+        print(args.prompt + text)
+        print(report_offload(store, n, dt), file=sys.stderr)
+        return 0
     model, store = offloaded_model(args)
     ids = torch.tensor([BOS_ID] + list(args.prompt.encode("utf-8")))
     t0 = time.perf_counter()

@@ -129,3 +129,26 @@ class _Stub:
     def __init__(self, n: int):
         self.n_experts = n
 
+
+
+def generate_hf_offloaded(folder: str | Path, prompt: str, *, capacity: int | str, policy: str = "lru",
+                          max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None, seed: int = 0):
+    """(text, new tokens, seconds, store): a local transformers model's generate (its own KV cache) with the
+    experts offloaded (offload_hf). temperature 0 = greedy."""
+    import time
+
+    from moelab.hf import load_hf_causal_lm
+    model, tok = load_hf_causal_lm(str(folder))
+    store = offload_hf(model, folder, capacity=capacity, policy=policy)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    torch.manual_seed(seed)
+    kw = {"do_sample": True, "temperature": temperature, "top_k": top_k} if temperature > 0 else {"do_sample": False}
+    t0 = time.perf_counter()
+    try:
+        out = model.generate(ids, max_new_tokens=max_new_tokens, use_cache=True,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0, **kw)
+    finally:
+        store.close()
+    dt = time.perf_counter() - t0
+    new = out[0, ids.shape[1]:]
+    return tok.decode(new, skip_special_tokens=True), new.numel(), dt, store

@@ -219,6 +219,9 @@ def test_cli_generate(model_file, tmp_path, capsys):
     want = bytes(_gen(ref_model, 6, temperature=0).tolist()).decode("utf-8", errors="replace")
     assert out == "int main" + want + "\n"
     assert "tokens/s" in err and "hit rate" in err and "8/layer" in err
+    args = p.parse_args(["offload", "generate"])
+    with pytest.raises(ValueError, match="--hf"):
+        args.func(args)
     args = p.parse_args(["offload", "generate", str(tmp_path), "--policy", "belady"])
     with pytest.raises(ValueError, match="--policy"):
         args.func(args)
