@@ -8,7 +8,7 @@ Rss - Anonymous (mapped file pages, reclaimable page cache), and VmHWM (peak RSS
 (full, offload..., full, offload...) `--repeats` times; tokens/s is the median and the ratio to full is the median
 of per-round ratios. The checkpoint file is read once first so every run starts from a warm page cache.
 
-  python benchmarks/bench_offload_generate.py --run RUN [--tokens 64] [--caches 8,16,32] [--policies lru,...]
+  python benchmarks/bench_offload_generate.py --run RUN [--hf DIR] [--tokens 64] [--caches 8,16,32] [--policies ...]
 """
 from __future__ import annotations
 
@@ -41,18 +41,34 @@ def worker(cfg: dict) -> dict:
     from moelab.offload_store import load_offloaded, memory_now
     out = {**cfg}
     if cfg["mode"] == "empty":
+        if cfg.get("family") == "hf":  # the transformers baseline: its import alone is ~100 MB of heap
+            import transformers  # noqa: F401
+            from transformers import AutoModelForCausalLM  # noqa: F401
+
+            import moelab.hf  # noqa: F401
         return {**out, "mem": memory_now(), "peak_rss": _peak_rss()}
     t0 = time.perf_counter()
     store = None
     if cfg["mode"] == "full":
         model, _ = load_model(cfg["run"])
-    else:
+    elif cfg["mode"] == "offload":
         model, store = load_offloaded(cfg["run"], capacity=cfg["cache"], policy=cfg["policy"])
+    else:  # hf_full / hf_offload: a transformers model folder
+        from moelab.hf import load_hf_causal_lm
+        model, tok = load_hf_causal_lm(cfg["run"])
+        if cfg["mode"] == "hf_offload":
+            from moelab.hf_offload import offload_hf
+            store = offload_hf(model, cfg["run"], capacity=cfg["cache"], policy=cfg["policy"])
     out["load_s"] = time.perf_counter() - t0
     out["mem_loaded"] = memory_now()
-    ids = torch.tensor([BOS_ID] + list(PROMPT.encode()))
     t0 = time.perf_counter()
-    toks = generate(model, ids, max_new_tokens=cfg["tokens"], temperature=0)
+    if cfg["mode"].startswith("hf"):
+        ids = tok(PROMPT, return_tensors="pt").input_ids
+        toks = model.generate(ids, max_new_tokens=cfg["tokens"], min_new_tokens=cfg["tokens"], do_sample=False,
+                              use_cache=True, pad_token_id=0)[0, ids.shape[1]:]
+    else:
+        ids = torch.tensor([BOS_ID] + list(PROMPT.encode()))
+        toks = generate(model, ids, max_new_tokens=cfg["tokens"], temperature=0)
     out["gen_s"] = time.perf_counter() - t0
     out["tok_s"] = cfg["tokens"] / out["gen_s"]
     out["mem"] = memory_now()
@@ -79,6 +95,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--run", help="run folder (moelab train) of a model large enough for memory to show")
+    ap.add_argument("--hf", help="also a local transformers MoE model folder (through moelab's experts backend)")
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per generation (greedy)")
     ap.add_argument("--caches", default="8,16,32", help="experts per layer (comma list)")
     ap.add_argument("--policies", default="lru,lfu,least-stale,prefetch", help="comma list")
@@ -90,37 +107,41 @@ def main() -> int:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    if not args.run:
-        ap.error("--run RUN is required")
+    if not args.run and not args.hf:
+        ap.error("--run RUN and/or --hf DIR is required")
     from moelab.checkpoint import latest
-    wfile = latest(args.run) / "model.safetensors"
-    with open(wfile, "rb") as f:  # warm the page cache: every configuration reads from memory, not disk
-        while f.read(64 << 20):
-            pass
-    base = {"run": args.run, "tokens": args.tokens, "threads": args.threads}
-    configs = [{**base, "mode": "full"}]
-    for c in args.caches.split(","):
-        for pol in args.policies.split(","):
-            if pol == "lru" or c == args.main_cache:
-                configs.append({**base, "mode": "offload", "cache": c, "policy": pol})
+    configs, files = [], {}
+    for fam, src, full, off in (("moelab", args.run, "full", "offload"), ("hf", args.hf, "hf_full", "hf_offload")):
+        if not src:
+            continue
+        files[fam] = latest(src) / "model.safetensors" if fam == "moelab" else Path(src) / "model.safetensors"
+        with open(files[fam], "rb") as f:  # warm the page cache: every configuration reads memory, not disk
+            while f.read(64 << 20):
+                pass
+        base = {"run": src, "family": fam, "tokens": args.tokens, "threads": args.threads}
+        configs.append({**base, "mode": full})
+        for c in args.caches.split(","):
+            for pol in args.policies.split(","):
+                if pol == "lru" or c == args.main_cache:
+                    configs.append({**base, "mode": off, "cache": c, "policy": pol})
     load0 = os.getloadavg()
-    empty = run_one({**base, "mode": "empty"})
+    empty = {fam: run_one({"mode": "empty", "family": fam, "threads": args.threads}) for fam in files}
     rounds = []
     for r in range(args.repeats):
         rounds.append([run_one(c) for c in configs])
         print(f"round {r + 1}/{args.repeats} done", file=sys.stderr)
     load1 = os.getloadavg()
     rows = []
-    ref_tokens = rounds[0][0]["tokens_out"]
     for i, c in enumerate(configs):
         runs = [rd[i] for rd in rounds]
         last = runs[-1]
+        j = next(n for n, x in enumerate(configs) if x["family"] == c["family"])  # that family's full model
         row = {**c, "tok_s": statistics.median(x["tok_s"] for x in runs),
-               "vs_full": statistics.median(x["tok_s"] / rd[0]["tok_s"] for x, rd in zip(runs, rounds)),
-               "same_tokens": all(x["tokens_out"] == ref_tokens for x in runs),
-               "anon_MB": (last["mem"]["anonymous"] - empty["mem"]["anonymous"]) / 1e6,
+               "vs_full": statistics.median(x["tok_s"] / rd[j]["tok_s"] for x, rd in zip(runs, rounds)),
+               "same_tokens": all(x["tokens_out"] == rounds[0][j]["tokens_out"] for x in runs),
+               "anon_MB": (last["mem"]["anonymous"] - empty[c["family"]]["mem"]["anonymous"]) / 1e6,
                "file_MB": (last["mem"]["rss"] - last["mem"]["anonymous"]) / 1e6,
-               "peak_rss_MB": (last["peak_rss"] - empty["peak_rss"]) / 1e6,
+               "peak_rss_MB": (last["peak_rss"] - empty[c["family"]]["peak_rss"]) / 1e6,
                "load_s": statistics.median(x["load_s"] for x in runs)}
         if "stats" in last:
             s = last["stats"]
@@ -130,11 +151,12 @@ def main() -> int:
                        prefetch_waits=s["prefetch_waits"], n_experts_total=last["n_experts_total"],
                        expert_bytes=last["expert_bytes"])
         rows.append(row)
-    res = {"meta": {"run": args.run, "weights_file_MB": wfile.stat().st_size / 1e6, "tokens": args.tokens,
+    res = {"meta": {"run": args.run, "hf": args.hf,
+                    "weights_file_MB": {k: f.stat().st_size / 1e6 for k, f in files.items()}, "tokens": args.tokens,
                     "prompt": PROMPT, "threads": args.threads, "repeats": args.repeats,
                     "loadavg_start": load0, "loadavg_end": load1, "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                          time.gmtime()),
-                    "empty_process_anon_MB": empty["mem"]["anonymous"] / 1e6},
+                    "empty_process_anon_MB": {k: e["mem"]["anonymous"] / 1e6 for k, e in empty.items()}},
            "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
@@ -142,12 +164,12 @@ def main() -> int:
     from rich.table import Table
     t = Table(title=f"offloaded vs fully loaded generation, {args.tokens} greedy tokens, load {load0[0]:.1f}"
                     f"->{load1[0]:.1f}")
-    for col in ("mode", "cache/layer", "policy", "tok/s", "vs full", "same tokens", "hit rate (decode)",
+    for col in ("model", "mode", "cache/layer", "policy", "tok/s", "vs full", "same tokens", "hit rate (decode)",
                 "experts MB", "anon MB", "file pages MB", "peak RSS MB"):
         t.add_column(col)
     f = lambda v, fmt=".3f": "-" if v is None else format(v, fmt)
     for r in rows:
-        t.add_row(r["mode"], str(r.get("capacity", "-")), r.get("policy", "-"), f(r["tok_s"], ".1f"),
+        t.add_row(r["family"], r["mode"], str(r.get("capacity", "-")), r.get("policy", "-"), f(r["tok_s"], ".1f"),
                   f(r["vs_full"], ".2f"), str(r["same_tokens"]),
                   f"{f(r.get('hit_rate'))} ({f(r.get('decode_hit_rate'))})", f(r.get("materialised_MB"), ".0f"),
                   f(r["anon_MB"], ".0f"), f(r["file_MB"], ".0f"), f(r["peak_rss_MB"], ".0f"))

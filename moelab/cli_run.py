@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from moelab.cli_offload import add_offload_flags
 from moelab.resolver import RunConfig, add_config_flags, apply, diff, overrides_from_args, resolve
 from moelab.runtime import DEVICES, DTYPES, Runtime, runtime
 
@@ -97,12 +98,22 @@ def _generate(args: argparse.Namespace) -> int:
     rt = runtime_of(args)
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} is invalid: allowed an integer >= 0")
-    model, _ = load_model(args.run)
+    if args.offload:  # experts read from the checkpoint file on demand (moelab.offload_store)
+        import sys
+        import time
+
+        from moelab.cli_offload import offloaded_model, report_offload
+        (model, store), t0 = offloaded_model(args), time.perf_counter()
+    else:
+        model, _ = load_model(args.run)
     ids = torch.tensor([BOS_ID] + list(args.prompt.encode("utf-8")), device=rt.device)
     with rt.autocast():
         out = generate(model.to(rt.device), ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, generator=torch.Generator(device=rt.device).manual_seed(args.seed))
     print(args.prompt + bytes(out.tolist()).decode("utf-8", errors="replace"))
+    if args.offload:
+        store.close()
+        print(report_offload(store, out.numel(), time.perf_counter() - t0), file=sys.stderr)
     return 0
 
 
@@ -167,6 +178,7 @@ def register(sub) -> None:
     g.add_argument("--top-k", type=int, default=20, help="sample among the k most likely bytes (default 20)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     add_runtime_flags(g)
+    add_offload_flags(g)
     g.set_defaults(func=_generate)
     pl = sub.add_parser("plot", help="plots of a run, or several runs overlaid",
                         description="One RUN: write loss.png, expert_load.png, max_vio.png and specialization.png "

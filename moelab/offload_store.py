@@ -130,6 +130,7 @@ class ExpertStore:
         self.k = top_k  # experts per token the pre-gate predicts
         self.stats = OffloadStats()
         self.tokens = [0] * self.L  # tokens of each layer's current call (set by a hook on its RoutedExperts)
+        self.device: torch.device | None = None  # where experts are materialised: the rows' device
         self._step, self._last_layer = -1, self.L
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="moelab-prefetch") if self.prefetcher else None
 
@@ -143,6 +144,7 @@ class ExpertStore:
             self._step += 1
         self._last_layer = layer
         q, c, E = self._step * self.L + layer, layer, self.E
+        self.device = x_RD.device
         keys = [layer * E + e for e in experts]
         S, P = self.res[c], self.pend[c]
         miss = []
@@ -163,11 +165,18 @@ class ExpertStore:
             for k in self.policy.order_misses(miss, q):
                 if len(S) >= self.capacity and not self._evict(c, protected, q):
                     break  # the rest stream through (read in expert(), not kept)
-                S[k] = self.sources[c].read(k - layer * E)
+                S[k] = self._load(c, k - layer * E)
                 self.policy.on_insert(c, k, q)
         if self.prefetcher and layer + 1 < self.L and self.gates[layer + 1] is not None and x_RD.shape[0]:
             self._prefetch(layer + 1, self._pregate(layer + 1, x_RD), q, c)
         self.stats.peak_resident = max(self.stats.peak_resident, sum(len(r) for r in self.res))
+
+    def _load(self, layer: int, e: int) -> ExpertTensors:
+        """Read expert e of `layer` from its source (CPU) and place it on the device the rows are on."""
+        t = self.sources[layer].read(e)
+        if self.device is None or t.w_up.device == self.device:
+            return t
+        return ExpertTensors(*(x.to(self.device) if x is not None else None for x in t))
 
     def _evict(self, c: int, protected: set[int], q: int) -> bool:
         cands = [x for x in self.res[c] if x not in protected]
@@ -196,7 +205,7 @@ class ExpertStore:
                 continue
             if len(S) >= self.capacity and not self._evict(c2, protected, q):
                 break
-            S[k] = self._pool.submit(self.sources[c2].read, k - c2 * self.E)
+            S[k] = self._pool.submit(self._load, c2, k - c2 * self.E)
             self.pend[c2].add(k)
             self.policy.on_insert(c2, k, q, prefetch=True)
             self.stats.prefetch_Q[-1] += 1
@@ -207,7 +216,7 @@ class ExpertStore:
         v = self.res[layer].get(k)
         if v is None:
             self.stats.streamed += 1
-            return self.sources[layer].read(e)
+            return self._load(layer, e)
         if isinstance(v, Future):
             if not v.done():
                 self.stats.prefetch_waits += 1

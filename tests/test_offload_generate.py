@@ -269,3 +269,22 @@ def test_hf_offloaded_generation_equals_eager(family, disk, tmp_path):
                  EVICTIONS["lru"]())
     assert store.stats.hit_Q == sim.hit_Q.tolist() and sum(store.stats.hit_Q) > 0
     assert set(store.stats.tokens_Q[L_:]) == {1}  # transformers' KV cache: one token per decode call
+
+
+def test_moelab_generate_offload_flag(model_file, tmp_path, capsys):
+    """`moelab generate RUN --offload --cache-experts N --policy P`: the same text as without --offload."""
+    from moelab.cli_run import register as register_run
+    ref_model, _ = model_file
+    save_checkpoint(tmp_path, 1, model=ref_model, opt=torch.optim.SGD(ref_model.parameters(), lr=0.0), extra={},
+                    meta={"model_config": ref_model.cfg.to_dict()}, keep_last=1)
+    p = argparse.ArgumentParser()
+    register_run(p.add_subparsers(dest="cmd"))
+    base = ["generate", str(tmp_path), "--prompt", "int", "--max-new-tokens", "5", "--temperature", "0"]
+    texts = []
+    for extra in ([], ["--offload", "--cache-experts", "4", "--policy", "lfu"]):
+        args = p.parse_args(base + extra)
+        assert args.func(args) == 0
+        out, err = capsys.readouterr()
+        texts.append(out)
+        assert ("hit rate" in err) == bool(extra)
+    assert texts[0] == texts[1]
