@@ -84,7 +84,7 @@ def worker(cfg: dict) -> dict:
 
 def run_one(cfg: dict) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg["threads"]), "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, check=False,
                        env=env, cwd=ROOT)
     if p.returncode:
         raise RuntimeError(f"worker {cfg} failed:\n{p.stderr[-3000:]}")

@@ -148,8 +148,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_pregate(args) -> int:
-    from moelab.trace import load_trace
     from moelab.checkpoint import load_model
+    from moelab.trace import load_trace
     tr = load_trace(args.trace)
     run = args.run or tr.meta.get("run")
     if not run:

@@ -34,7 +34,7 @@ def weight_files(folder: str | Path) -> dict[str, str]:
     if not single.is_file():
         raise ValueError(f"--hf {str(folder)!r} has no model.safetensors (or index): offloading reads experts there")
     with safe_open(str(single), "pt") as f:
-        return {k: str(single) for k in f.keys()}
+        return dict.fromkeys(f.keys(), str(single))
 
 
 class HFSafetensorsExperts:

@@ -12,10 +12,10 @@ E=routed experts, D=d_model, F=expert hidden, G=fused gate|up width, R=dispatche
 from __future__ import annotations
 
 import threading
-from functools import partial
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -77,16 +77,11 @@ class SafetensorsExperts:
         self.path, self.up_key, self.down_key = str(path), up_key, down_key
         self._local = threading.local()  # one handle per thread (the prefetcher reads beside the main thread)
         with safe_open(self.path, "pt") as f:
-            if up_key not in f.keys() or down_key not in f.keys():
+            names = set(f.keys())
+            if up_key not in names or down_key not in names:
                 raise ValueError(f"weights file {self.path!r} lacks {up_key!r} / {down_key!r}: not this model's")
             self.n_experts = f.get_slice(up_key).get_shape()[0]
-            dt = f.get_slice(up_key).get_dtype()
-        up_shape, down_shape = self._shape(up_key), self._shape(down_key)
-        itemsize = torch.empty(0, dtype=_DTYPES.get(dt, torch.float32)).element_size()
-        self.expert_bytes = (up_shape[1] * up_shape[2] + down_shape[1] * down_shape[2]) * itemsize
-
-    def _shape(self, key: str) -> list[int]:
-        return self._handle().get_slice(key).get_shape()
+        self.expert_bytes = sum(t.numel() * t.element_size() for t in self.read(0))
 
     def _handle(self):
         from safetensors import safe_open
@@ -98,9 +93,6 @@ class SafetensorsExperts:
     def read(self, e: int) -> ExpertTensors:
         f = self._handle()
         return ExpertTensors(f.get_slice(self.up_key)[e:e + 1][0], f.get_slice(self.down_key)[e:e + 1][0])
-
-
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 class _Keys:
@@ -168,7 +160,7 @@ class ExpertStore:
                 S[k] = self._load(c, k - layer * E)
                 self.policy.on_insert(c, k, q)
         if self.prefetcher and layer + 1 < self.L and self.gates[layer + 1] is not None and x_RD.shape[0]:
-            self._prefetch(layer + 1, self._pregate(layer + 1, x_RD), q, c)
+            self._prefetch(layer + 1, self._pregate(layer + 1, x_RD), q)
         self.stats.peak_resident = max(self.stats.peak_resident, sum(len(r) for r in self.res))
 
     def _load(self, layer: int, e: int) -> ExpertTensors:
@@ -196,7 +188,8 @@ class ExpertStore:
         idx = (x_RD.float() @ w_ND.float().T).topk(k, dim=-1).indices.unique().tolist()
         return [e for e in idx if e < self.E]
 
-    def _prefetch(self, c2: int, experts: list[int], q: int, c: int) -> None:
+    def _prefetch(self, c2: int, experts: list[int], q: int) -> None:
+        """Insert the predicted experts into cache c2 now (as replay does) and read them on the background thread."""
         keys = [c2 * self.E + e for e in experts][: self.capacity]
         protected = set(keys)
         S = self.res[c2]
@@ -305,7 +298,7 @@ def offload_model(model: nn.Module, weights_file: str | Path, *, capacity: int |
     for name, layer in layers:
         w = layer.experts.weights
         if not isinstance(w, Experts):
-            raise ValueError(f"layer {name} experts are {type(w).__name__}, not moelab Experts: cannot offload")
+            raise TypeError(f"layer {name} experts are {type(w).__name__}, not moelab Experts: cannot offload")
         pname = {id(p): n for n, p in w.named_parameters()}
         st = w.stacked()
         up, down = (f"{name}.experts.weights.{pname[id(t)]}" for t in (st.w_up, st.w_down))
@@ -321,7 +314,7 @@ def offload_model(model: nn.Module, weights_file: str | Path, *, capacity: int |
     with safe_open(str(weights_file), "pt") as f:
         missing = own - set(f.keys())
         if missing:
-            raise ValueError(f"weights file {str(weights_file)!r} lacks {sorted(missing)[0]!r} "
+            raise ValueError(f"weights file {str(weights_file)!r} lacks {min(missing)!r} "
                              f"({len(missing)} tensors missing): not this model's checkpoint")
         sd = {k: f.get_tensor(k) for k in own}
     gates = [layer.gate.weight.detach() for _, layer in layers]

@@ -69,7 +69,7 @@ def test_offloaded_generation_equals_in_memory(model_file, policy, capacity):
 
 def test_sampled_generation_equals_in_memory(model_file):
     ref_model, path = model_file
-    m, store = _offloaded(path, K, "lru")
+    m, _store = _offloaded(path, K, "lru")
     a = _gen(m, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(3))
     b = _gen(ref_model, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
