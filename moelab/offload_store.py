@@ -81,7 +81,7 @@ class SafetensorsExperts:
             if up_key not in names or down_key not in names:
                 raise ValueError(f"weights file {self.path!r} lacks {up_key!r} / {down_key!r}: not this model's")
             self.n_experts = f.get_slice(up_key).get_shape()[0]
-        self.expert_bytes = sum(t.numel() * t.element_size() for t in self.read(0))
+        self.expert_bytes = sum(t.numel() * t.element_size() for t in self.read(0) if t is not None)
 
     def _handle(self):
         from safetensors import safe_open
