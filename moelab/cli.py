@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moelab import __version__, cli_lora, cli_offload, cli_run, cli_trace
+from moelab import __version__, cli_lora, cli_offload, cli_place, cli_run, cli_trace
 
-AREAS = (cli_run, cli_trace, cli_offload, cli_lora)  # each has register(subparsers)
+AREAS = (cli_run, cli_trace, cli_place, cli_offload, cli_lora)  # each has register(subparsers)
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 
 from moelab.dispatch import DispatchPlan, permute, sort_plan, unpermute
 from moelab.moe import MoELayer, moe_layers, step_routers
+from moelab.placement import Placement
 
 BACKENDS = ("gloo", "nccl")
 
@@ -53,69 +53,6 @@ def current_world(group) -> tuple[int, int]:
         raise ValueError("expert parallelism needs torch.distributed initialised: call "
                          "moelab.parallel.init_distributed(...) (or run under torchrun) first")
     return dist.get_rank(group), dist.get_world_size(group)
-
-
-# ----------------------------------------------------------------------------- placement
-@dataclass(frozen=True)
-class Placement:
-    """Which rank holds each routed expert of one layer. Any map is allowed, including uneven counts."""
-    rank_E: tuple[int, ...]     # rank_E[e] = rank that holds expert e (length = n_experts)
-    world_size: int             # W, number of expert-parallel ranks
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.world_size, int) or self.world_size < 1:
-            raise ValueError(f"Placement.world_size={self.world_size!r} is invalid: allowed an integer >= 1")
-        bad = [(e, r) for e, r in enumerate(self.rank_E) if not isinstance(r, int) or not 0 <= r < self.world_size]
-        if bad:
-            raise ValueError(f"Placement.rank_E has ranks outside 0..{self.world_size - 1}: (expert, rank) {bad}")
-        if not self.rank_E:
-            raise ValueError("Placement.rank_E is empty: allowed one rank per expert")
-
-    @classmethod
-    def contiguous(cls, n_experts: int, world_size: int) -> Placement:
-        """Default: experts split into W contiguous blocks (E/W each; the first E % W ranks get one more)."""
-        if world_size < 1 or n_experts < 1:
-            raise ValueError(f"contiguous placement needs n_experts >= 1 and world_size >= 1, "
-                             f"got {n_experts}, {world_size}")
-        base, extra = divmod(n_experts, world_size)
-        ranks: list[int] = []
-        for r in range(world_size):
-            ranks += [r] * (base + (r < extra))
-        return cls(tuple(ranks), world_size)
-
-    @classmethod
-    def from_map(cls, mapping, *, n_experts: int, world_size: int) -> Placement:
-        """From a sequence (rank per expert) or a dict {expert: rank}; every expert must be placed."""
-        if isinstance(mapping, Placement):
-            mapping = mapping.rank_E
-        if isinstance(mapping, dict):
-            missing = sorted(set(range(n_experts)) - set(mapping))
-            extra = sorted(set(mapping) - set(range(n_experts)))
-            if missing or extra:
-                raise ValueError(f"placement misses experts {missing} / has unknown experts {extra}: "
-                                 f"allowed exactly the experts 0..{n_experts - 1}")
-            mapping = [mapping[e] for e in range(n_experts)]
-        ranks = tuple(int(r) for r in mapping)
-        if len(ranks) != n_experts:
-            raise ValueError(f"placement has {len(ranks)} entries but the layer has n_experts={n_experts}: "
-                             f"every expert needs exactly one rank")
-        return cls(ranks, world_size)
-
-    @property
-    def n_experts(self) -> int:
-        return len(self.rank_E)
-
-    def experts_of(self, rank: int) -> tuple[int, ...]:
-        """Global ids of the experts on `rank`, ascending (their order in the local weights)."""
-        return tuple(e for e, r in enumerate(self.rank_E) if r == rank)
-
-    def n_local(self) -> list[int]:
-        """Experts per rank, L_r."""
-        return [len(self.experts_of(r)) for r in range(self.world_size)]
-
-    def order(self) -> list[int]:
-        """Global expert ids in send order: rank 0's experts, then rank 1's, ..."""
-        return [e for r in range(self.world_size) for e in self.experts_of(r)]
 
 
 # ----------------------------------------------------------------------------- all-to-all

@@ -160,21 +160,8 @@ def test_report_html_wellformed_with_existing_images(tmp_path):
 
 
 def test_report_renders_in_headless_chromium(tmp_path):
-    import shutil
-    import subprocess
+    from browser import assert_renders
 
     from moelab.report import write_report
-    names = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome", "headless_shell")
-    exe = next((shutil.which(n) for n in names if shutil.which(n)), None)
-    if exe is None:
-        pytest.skip("no headless Chromium on this machine")
-    html = write_report(make_trace(), tmp_path / "rep")
-    # a copy with a probe that counts the images the browser actually decoded once the page has loaded
-    probe = ('<script>window.addEventListener("load",()=>{document.body.dataset.loaded='
-             '[...document.images].filter(i=>i.complete&&i.naturalWidth>0).length})</script></body>')
-    check = html.with_name("check.html")
-    check.write_text(html.read_text().replace("</body>", probe))
-    dom = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
-                          "--dump-dom", check.as_uri()], capture_output=True, text=True, timeout=90, check=False).stdout
+    dom = assert_renders(write_report(make_trace(), tmp_path / "rep"))
     assert "Routing report" in dom
-    assert f'data-loaded="{html.read_text().count("<img")}"' in dom

@@ -1,5 +1,5 @@
-"""The docs hold together: every relative link resolves, every `moelab ...` command line in them parses, and
-code blocks tagged ```python run``` run."""
+"""The docs hold together: every relative link resolves, every `moelab ...` command line in them parses (usage
+synopses with [optional] parts go in ```text blocks), and code blocks tagged ```python run``` run."""
 import re
 import shlex
 import subprocess
@@ -31,9 +31,9 @@ def test_relative_links_resolve(page):
 def _command_lines():
     for page in PAGES:
         for info, body in _blocks(page.read_text()):
-            if info.strip() not in ("", "bash", "sh", "console", "text"):
+            if info.strip() not in ("", "bash", "sh", "console"):  # ```text blocks hold usage synopses
                 continue
-            for line in body.splitlines():
+            for line in body.replace("\\\n", " ").splitlines():
                 line = line.strip().removeprefix("$ ")
                 if re.match(r"moelab (-|[a-z][a-z-]*( |$))", line):  # a command, not printed output ("moelab demo:")
                     yield page.name, line

@@ -16,13 +16,13 @@ from moelab.config import MoEConfig
 from moelab.moe import MoELayer
 from moelab.parallel import (
     EPDispatcher,
-    Placement,
     enable_global_balance,
     expert_parameters,
     shard_moe_layer,
     step_routers_global,
     sync_grads,
 )
+from moelab.placement import Placement
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 

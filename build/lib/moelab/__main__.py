@@ -1,0 +1,4 @@
+"""`python -m moelab ...` is `moelab ...`."""
+from moelab.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,353 @@
+"""MoE layer speed: moelab vs the dense-equivalent GEMMs, vs transformers, and decode vs the bandwidth floor.
+
+T=tokens, D=d_model, E=experts, K=top-k, F=expert hidden, G=2F (gate|up).
+Everything is measured interleaved in one process (A B C A B C ...) after warm-up; the table reports the
+median of the per-round ratios, which survives a noisy shared machine far better than absolute times.
+Run: `moelab bench` (or `python benchmarks/bench_moe.py`); `--quick` runs tiny shapes in seconds (a smoke
+test: its numbers are not comparable with the real shapes). Results go to --out, by default
+benchmarks/results/bench_moe.json under the current folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from moelab.config import EXPERT_IMPLS, MoEConfig
+from moelab.experts import ExpertTensors, activate, mlp
+from moelab.moe import MoELayer
+
+RESULTS_DIR = Path("benchmarks") / "results"  # relative to the current folder, never the installed package
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str      # label in the table
+    E: int         # routed experts
+    k: int         # experts per token
+    D: int         # d_model
+    F: int         # expert hidden size
+    T: int         # tokens per call
+
+
+SHAPES = (Shape("coarse", 8, 2, 512, 1408, 4096), Shape("fine", 64, 8, 512, 256, 2048))
+DECODE = Shape("decode", 64, 8, 512, 256, 8)
+QUICK_SHAPES = (Shape("coarse", 4, 2, 64, 128, 256), Shape("fine", 16, 4, 64, 32, 256))
+QUICK_DECODE = Shape("decode", 16, 4, 64, 32, 8)
+
+
+def interleaved(fns: dict, rounds: int, budget_s: float, before=None) -> dict[str, list[float]]:
+    """Times each fn once per round, in turn, after one warm-up call each; stops early past budget_s."""
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    t_end = time.perf_counter() + budget_s
+    for r in range(rounds):
+        for name, f in fns.items():
+            if before is not None:
+                before()
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+        if r >= 2 and time.perf_counter() > t_end:
+            break
+    return times
+
+
+def median_ratio(num: list[float], den: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+def moelab_layer(s: Shape, impl: str) -> MoELayer:
+    cfg = MoEConfig(d_model=s.D, d_expert=s.F, n_experts=s.E, top_k=s.k, expert_impl=impl)
+    return MoELayer(cfg)
+
+
+def hf_block(s: Shape, layer: MoELayer, impl: str):
+    """Qwen3-MoE sparse block with the moelab layer's weights (softmax -> top-k -> renormalise: same math)."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+    cfg = Qwen3MoeConfig(hidden_size=s.D, moe_intermediate_size=s.F, num_experts=s.E, num_experts_per_tok=s.k,
+                         norm_topk_prob=True, hidden_act="silu", experts_implementation=impl)
+    block = Qwen3MoeSparseMoeBlock(cfg)
+    with torch.no_grad():
+        block.gate.weight.copy_(layer.gate.weight)
+        block.experts.gate_up_proj.copy_(layer.experts.weights.w_up_EDG.transpose(1, 2))
+        block.experts.down_proj.copy_(layer.experts.weights.w_down_EFD.transpose(1, 2))
+    return block
+
+
+def have_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+class Dense:
+    """The dense-equivalent: T*K rows through one expert-sized SwiGLU MLP (exactly the expert FLOPs)."""
+
+    def __init__(self, s: Shape):
+        self.x_ND = torch.randn(s.T * s.k, s.D, requires_grad=True)
+        self.w_up_DG = (torch.randn(s.D, 2 * s.F) * s.D ** -0.5).requires_grad_()
+        self.w_down_FD = (torch.randn(s.F, s.D) * s.F ** -0.5).requires_grad_()
+
+    def __call__(self) -> Tensor:
+        return mlp(self.x_ND, ExpertTensors(self.w_up_DG, self.w_down_FD), lambda h: activate(h, "swiglu"))
+
+
+def _fwd(f):
+    def run():
+        with torch.no_grad():
+            f()
+    return run
+
+
+def _fwd_bwd(f, params):
+    def run():
+        for p in params:
+            p.grad = None
+        f().float().sum().backward()
+    return run
+
+
+def peak_bytes(fn) -> int:
+    """Peak CPU bytes allocated above the starting point while fn runs (torch.profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        events = json.loads(Path(path).read_text())["traceEvents"]
+    finally:
+        os.remove(path)
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max([0, *totals])
+
+
+def bench_shape(s: Shape, rounds: int, budget_s: float, impl: str, with_hf: bool, prof: bool = False) -> dict:
+    torch.manual_seed(0)
+    layer = moelab_layer(s, impl)
+    x_TD = torch.randn(s.T, s.D, requires_grad=True)
+    dense = Dense(s)
+
+    def moe():
+        r = layer(x_TD)
+        return r.y + r.aux_loss  # the aux loss's backward is part of the layer's cost
+
+    cands = {"dense": (dense, [dense.x_ND, dense.w_up_DG, dense.w_down_FD]),
+             "moelab": (moe, [x_TD, *layer.parameters()])}
+    check = {}
+    if with_hf:
+        for hf_impl in ("eager", "grouped_mm"):
+            block = hf_block(s, layer, hf_impl)
+            x_1TD = x_TD.unsqueeze(0)
+            cands[f"hf_{hf_impl}"] = (lambda b=block, x=x_1TD: b(x), [x_TD, *block.parameters()])
+            with torch.no_grad():
+                check[f"max_abs_diff_vs_hf_{hf_impl}"] = (block(x_1TD)[0] - layer(x_TD).y).abs().max().item()
+    out = {"shape": asdict(s), "check": check}
+    for mode, wrap in (("fwd", lambda f, p: _fwd(f)), ("fwd_bwd", _fwd_bwd)):
+        times = interleaved({n: wrap(f, p) for n, (f, p) in cands.items()}, rounds, budget_s)
+        res = {f"{n}_ms": 1e3 * statistics.median(t) for n, t in times.items()}
+        res["rounds"] = len(times["dense"])
+        res["moelab_over_dense"] = median_ratio(times["moelab"], times["dense"])
+        hf_names = [n for n in times if n.startswith("hf_")]
+        if hf_names:
+            best_hf = [min(ts) for ts in zip(*(times[n] for n in hf_names))]
+            res["best_hf_over_moelab"] = median_ratio(best_hf, times["moelab"])
+            res["hf_timed"] = hf_names
+        out[mode] = res
+        if with_hf and mode == "fwd":
+            fastest_hf = min(statistics.median(times[n]) for n in hf_names)
+            for n in hf_names:  # >2x slower than the other HF impl in fwd: it will not be the best, spare minutes
+                if statistics.median(times[n]) > 2 * fastest_hf:
+                    del cands[n]
+    mem = {n: peak_bytes(_fwd_bwd(*cands[n])) for n in ("dense", "moelab")}
+    out["peak_mem_fwd_bwd_bytes"] = mem
+    out["peak_mem_moelab_over_dense"] = mem["moelab"] / mem["dense"]
+    # The E experts' weight gradients are E x the dense MLP's and inherent to MoE; without them, activations only.
+    grads = {n: sum(p.numel() * p.element_size() for p in cands[n][1][1:]) for n in ("dense", "moelab")}
+    out["param_grad_bytes"] = grads
+    out["peak_act_mem_moelab_over_dense"] = (mem["moelab"] - grads["moelab"]) / (mem["dense"] - grads["dense"])
+    if prof:
+        out["profile"] = {mode: {n: profile_top(wrap(*cands[n])) for n in ("moelab", "dense")}
+                          for mode, wrap in (("fwd", lambda f, p: _fwd(f)), ("fwd_bwd", _fwd_bwd))}
+    return out
+
+
+def profile_top(fn, n_ops: int = 12) -> list[dict]:
+    """Where the time goes: the n_ops ops with the most self CPU time over one call of fn (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    evs = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in evs)
+    return [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
+             "calls": e.count} for e in evs[:n_ops]]
+
+
+def copy_bandwidth(nbytes: int = 512 << 20, rounds: int = 5) -> float:
+    """Bytes/s of a large tensor copy (read + write both counted)."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ts = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        ts.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(ts)
+
+
+def bench_decode(s: Shape, rounds: int, budget_s: float, impl: str, with_hf: bool, flush_mb: int) -> dict:
+    """Decode: T tokens per call, forward only; floor = expert bytes touched / copy bandwidth.
+    A cache-sized buffer is rewritten before every call so the weights come from memory, as in a real model."""
+    torch.manual_seed(1)
+    layer = moelab_layer(s, impl)
+    batches = [torch.randn(s.T, s.D) for _ in range(8)]
+    flush = torch.empty(flush_mb << 18)
+    step = {"i": 0}
+
+    def before():
+        flush.fill_(step["i"])
+        step["i"] += 1
+
+    def moe():
+        layer(batches[step["i"] % len(batches)])
+
+    cands = {"moelab": _fwd(moe)}
+    if with_hf:
+        for hf_impl in ("eager", "grouped_mm"):
+            block = hf_block(s, layer, hf_impl)
+            cands[f"hf_{hf_impl}"] = _fwd(lambda b=block: b(batches[step["i"] % len(batches)].unsqueeze(0)))
+    times = interleaved(cands, rounds, budget_s, before=before)
+    w = layer.experts.weights
+    bytes_per_expert = (w.w_up_EDG[0].numel() + w.w_down_EFD[0].numel()) * 4
+    with torch.no_grad():
+        touched = [layer.route(b, None, None).expert_idx_TK.unique().numel() for b in batches]
+    bytes_touched = statistics.mean(touched) * bytes_per_expert + layer.gate.weight.numel() * 4
+    bw = copy_bandwidth()
+    floor_s = bytes_touched / bw
+    res = {f"{n}_ms": 1e3 * statistics.median(t) for n, t in times.items()}
+    res.update(shape=asdict(s), rounds=len(times["moelab"]), experts_touched=statistics.mean(touched),
+               bytes_touched=bytes_touched, copy_bandwidth_GBps=bw / 1e9, floor_ms=1e3 * floor_s,
+               moelab_over_floor=statistics.median(t / floor_s for t in times["moelab"]))
+    if with_hf:
+        best_hf = [min(a, b) for a, b in zip(times["hf_eager"], times["hf_grouped_mm"])]
+        res["best_hf_over_moelab"] = median_ratio(best_hf, times["moelab"])
+    return res
+
+
+def print_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=f"moelab MoE layer, fp32, {results['threads']} threads ({results['date']})")
+    for col in ("shape", "mode", "moelab ms", "dense-eq ms", "moelab / dense", "best HF / moelab", "target"):
+        t.add_column(col, justify="right")
+    for s in results["shapes"]:
+        for mode, target in (("fwd", "<=1.05 | >=1.2x"), ("fwd_bwd", "<=1.1 | >=1.2x")):
+            r = s[mode]
+            hf = f"{r['best_hf_over_moelab']:.2f}x" if "best_hf_over_moelab" in r else "-"
+            t.add_row(s["shape"]["name"], mode, f"{r['moelab_ms']:.1f}", f"{r['dense_ms']:.1f}",
+                      f"{r['moelab_over_dense']:.2f}", hf, target)
+        t.add_row(s["shape"]["name"], "peak mem", f"{s['peak_mem_fwd_bwd_bytes']['moelab'] / 2**20:.0f} MiB",
+                  f"{s['peak_mem_fwd_bwd_bytes']['dense'] / 2**20:.0f} MiB",
+                  f"{s['peak_mem_moelab_over_dense']:.2f}", "-", "<=1.3")
+        t.add_row(s["shape"]["name"], "mem - w grads", "", "", f"{s['peak_act_mem_moelab_over_dense']:.2f}", "-",
+                  "<=1.3")
+    d = results["decode"]
+    hf = f"{d['best_hf_over_moelab']:.2f}x" if "best_hf_over_moelab" in d else "-"
+    t.add_row("decode", f"T={d['shape']['T']}", f"{d['moelab_ms']:.2f}", f"floor {d['floor_ms']:.2f}",
+              f"{d['moelab_over_floor']:.2f}", hf, "<=2 vs floor")
+    Console(width=120).print(t)
+
+
+def to_markdown(results: dict) -> str:
+    """The same numbers as a markdown table (what the README shows)."""
+    rows = ["| shape | mode | moelab ms | baseline ms | moelab / baseline | best HF / moelab | target |",
+            "|---|---|---|---|---|---|---|"]
+    for s in results["shapes"]:
+        name = s["shape"]["name"]
+        for mode, target in (("fwd", "<= 1.05, HF >= 1.2x"), ("fwd_bwd", "<= 1.1, HF >= 1.2x")):
+            r = s[mode]
+            hf = f"{r['best_hf_over_moelab']:.2f}x" if "best_hf_over_moelab" in r else "-"
+            rows.append(f"| {name} | {mode} | {r['moelab_ms']:.1f} | dense-eq {r['dense_ms']:.1f} | "
+                        f"{r['moelab_over_dense']:.2f} | {hf} | {target} |")
+        m = s["peak_mem_fwd_bwd_bytes"]
+        rows.append(f"| {name} | peak mem fwd+bwd | {m['moelab'] / 2**20:.0f} MiB | dense-eq {m['dense'] / 2**20:.0f} MiB"
+                    f" | {s['peak_mem_moelab_over_dense']:.2f} | - | <= 1.3 |")
+        rows.append(f"| {name} | same, less weight grads | | | {s['peak_act_mem_moelab_over_dense']:.2f} | - | <= 1.3 |")
+    d = results["decode"]
+    hf = f"{d['best_hf_over_moelab']:.2f}x" if "best_hf_over_moelab" in d else "-"
+    rows.append(f"| decode T={d['shape']['T']} | fwd | {d['moelab_ms']:.2f} | floor {d['floor_ms']:.2f} | "
+                f"{d['moelab_over_floor']:.2f} | {hf} | <= 2 |")
+    return "\n".join(rows)
+
+
+def run(*, quick: bool = False, rounds: int = 15, budget_s: float = 200.0, impl: str = "grouped",
+        out: str | None = None, hf: bool = True, prof: bool = False) -> dict:
+    """Runs every measurement, prints the table, writes the JSON; returns the results dict.
+    `budget_s` is the timing budget of the whole run (each measurement stops early past its share; at least
+    3 rounds each); warm-up and the memory profiles come on top."""
+    torch.set_num_threads(2)
+    with_hf = hf and have_transformers()
+    shapes, decode = (QUICK_SHAPES, QUICK_DECODE) if quick else (SHAPES, DECODE)
+    if quick:
+        print("--quick: tiny shapes, a smoke test; its ratios are not comparable with the real shapes'")
+    share = budget_s / (2 * len(shapes) + 1)  # fwd and fwd+bwd of each shape, and decode
+    t0 = time.perf_counter()
+    results = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "threads": 2, "dtype": "float32",
+               "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}",
+               "impl": impl, "quick": quick, "loadavg_1min_start": os.getloadavg()[0],
+               "shapes": [bench_shape(s, rounds, share, impl, with_hf, prof) for s in shapes],
+               "decode": bench_decode(decode, 3 * rounds, share, impl, with_hf, 8 if quick else 320)}
+    results["wall_s"] = time.perf_counter() - t0
+    results["loadavg_1min_end"] = os.getloadavg()[0]  # other processes on the 2 cores while we measured
+    print_table(results)
+    print(to_markdown(results))
+    for s in results["shapes"] if prof else ():
+        for mode, by_impl in s["profile"].items():
+            top = ", ".join(f"{r['op']} {100 * r['share']:.0f}%" for r in by_impl["moelab"][:8])
+            print(f"profile {s['shape']['name']} {mode} moelab: {top}")
+    path = Path(out) if out else RESULTS_DIR / f"bench_moe{'_quick' if quick else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    print(f"wrote {path} ({results['wall_s']:.0f} s)")
+    return results
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds (smoke test)")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per measurement at most (default 15)")
+    p.add_argument("--budget", type=float, default=200.0, help="timing seconds for the whole run (default 200)")
+    p.add_argument("--impl", default="grouped", choices=list(EXPERT_IMPLS), help="moelab expert path (default "
+                   "grouped)")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_moe.json under the "
+                   "current folder)")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+    p.add_argument("--profile", action="store_true", help="also record the top ops of moelab and dense (torch.profiler)")
+
+
+def run_args(a: argparse.Namespace) -> int:
+    run(quick=a.quick, rounds=a.rounds, budget_s=a.budget, impl=a.impl, out=a.out, hf=not a.no_hf, prof=a.profile)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run_args(p.parse_args(argv))

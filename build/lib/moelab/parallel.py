@@ -1,0 +1,354 @@
+"""Expert parallelism on torch.distributed: placement map, all-to-all dispatch/combine, grad sync, balancing.
+
+T=local tokens, K=slots per token, D=d_model, E=routed experts (global), W=ranks, L=experts on this rank,
+R=dispatched rows: sent (local kept slots sorted by destination rank, expert) or received after the all-to-all.
+
+One process per rank; every rank holds the router and all non-expert weights (data parallel) and only
+its own experts' weights. `EPDispatcher` has the `LocalDispatcher` interface, so `MoELayer` does not
+know it is distributed: dispatch = local sort -> all_to_all(counts) -> all_to_all(rows, uneven splits)
+-> regroup by local expert; combine = the reverse. Backward runs the mirrored all-to-alls.
+Every collective runs under the process group's timeout (`init_distributed(timeout_s=...)`).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moelab.dispatch import DispatchPlan, permute, sort_plan, unpermute
+from moelab.moe import MoELayer, moe_layers, step_routers
+
+BACKENDS = ("gloo", "nccl")
+
+
+# ----------------------------------------------------------------------------- process group
+def init_distributed(*, backend: str = "gloo", timeout_s: float = 120.0, rank: int | None = None,
+                     world_size: int | None = None, init_method: str | None = None) -> tuple[int, int]:
+    """init_process_group with a collective timeout. rank/world_size/init_method default to the torchrun
+    environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Returns (rank, world_size)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is invalid: allowed one of {', '.join(BACKENDS)}")
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s={timeout_s!r} is invalid: allowed > 0 (every collective needs a timeout)")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    rank = int(os.environ["RANK"]) if rank is None and "RANK" in os.environ else rank
+    world_size = int(os.environ["WORLD_SIZE"]) if world_size is None and "WORLD_SIZE" in os.environ else world_size
+    if rank is None or world_size is None:
+        raise ValueError("init_distributed needs rank and world_size (or the torchrun variables RANK, WORLD_SIZE)")
+    dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return rank, world_size
+
+
+def current_world(group) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("expert parallelism needs torch.distributed initialised: call "
+                         "moelab.parallel.init_distributed(...) (or run under torchrun) first")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+# ----------------------------------------------------------------------------- placement
+@dataclass(frozen=True)
+class Placement:
+    """Which rank holds each routed expert of one layer. Any map is allowed, including uneven counts."""
+    rank_E: tuple[int, ...]     # rank_E[e] = rank that holds expert e (length = n_experts)
+    world_size: int             # W, number of expert-parallel ranks
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.world_size, int) or self.world_size < 1:
+            raise ValueError(f"Placement.world_size={self.world_size!r} is invalid: allowed an integer >= 1")
+        bad = [(e, r) for e, r in enumerate(self.rank_E) if not isinstance(r, int) or not 0 <= r < self.world_size]
+        if bad:
+            raise ValueError(f"Placement.rank_E has ranks outside 0..{self.world_size - 1}: (expert, rank) {bad}")
+        if not self.rank_E:
+            raise ValueError("Placement.rank_E is empty: allowed one rank per expert")
+
+    @classmethod
+    def contiguous(cls, n_experts: int, world_size: int) -> Placement:
+        """Default: experts split into W contiguous blocks (E/W each; the first E % W ranks get one more)."""
+        if world_size < 1 or n_experts < 1:
+            raise ValueError(f"contiguous placement needs n_experts >= 1 and world_size >= 1, "
+                             f"got {n_experts}, {world_size}")
+        base, extra = divmod(n_experts, world_size)
+        ranks: list[int] = []
+        for r in range(world_size):
+            ranks += [r] * (base + (r < extra))
+        return cls(tuple(ranks), world_size)
+
+    @classmethod
+    def from_map(cls, mapping, *, n_experts: int, world_size: int) -> Placement:
+        """From a sequence (rank per expert) or a dict {expert: rank}; every expert must be placed."""
+        if isinstance(mapping, Placement):
+            mapping = mapping.rank_E
+        if isinstance(mapping, dict):
+            missing = sorted(set(range(n_experts)) - set(mapping))
+            extra = sorted(set(mapping) - set(range(n_experts)))
+            if missing or extra:
+                raise ValueError(f"placement misses experts {missing} / has unknown experts {extra}: "
+                                 f"allowed exactly the experts 0..{n_experts - 1}")
+            mapping = [mapping[e] for e in range(n_experts)]
+        ranks = tuple(int(r) for r in mapping)
+        if len(ranks) != n_experts:
+            raise ValueError(f"placement has {len(ranks)} entries but the layer has n_experts={n_experts}: "
+                             f"every expert needs exactly one rank")
+        return cls(ranks, world_size)
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.rank_E)
+
+    def experts_of(self, rank: int) -> tuple[int, ...]:
+        """Global ids of the experts on `rank`, ascending (their order in the local weights)."""
+        return tuple(e for e, r in enumerate(self.rank_E) if r == rank)
+
+    def n_local(self) -> list[int]:
+        """Experts per rank, L_r."""
+        return [len(self.experts_of(r)) for r in range(self.world_size)]
+
+    def order(self) -> list[int]:
+        """Global expert ids in send order: rank 0's experts, then rank 1's, ..."""
+        return [e for r in range(self.world_size) for e in self.experts_of(r)]
+
+
+# ----------------------------------------------------------------------------- all-to-all
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven row splits; backward sends the gradients back the same way."""
+
+    @staticmethod
+    def forward(ctx, x_RD: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x_RD.new_empty((sum(out_splits),) + tuple(x_RD.shape[1:]))
+        dist.all_to_all_single(out, x_RD.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_RD: Tensor):
+        out_splits, in_splits = ctx.splits
+        g_back_RD = g_RD.new_empty((sum(in_splits),) + tuple(g_RD.shape[1:]))
+        dist.all_to_all_single(g_back_RD, g_RD.contiguous(), in_splits, out_splits, group=ctx.group)
+        return g_back_RD, None, None, None
+
+
+def all_to_all(x_RD: Tensor, *, out_splits: list[int], in_splits: list[int], group=None) -> Tensor:
+    """Autograd-correct all_to_all_single: rows in_splits[r] go to rank r, out_splits[r] arrive from r.
+    With grad enabled the op always joins the graph, so every rank runs the backward collective
+    (a rank whose input needs no grad would otherwise skip it and the others would wait forever)."""
+    if torch.is_grad_enabled() and not x_RD.requires_grad:
+        x_RD = x_RD.detach().requires_grad_(True)
+    return _AllToAll.apply(x_RD, list(out_splits), list(in_splits), group)
+
+
+class CommStats(NamedTuple):
+    """Forward all-to-all traffic of one layer on one rank (the backward moves the same again).
+    Rows are token slots (a token sent to two experts on one rank counts twice); self-sends excluded."""
+    tokens_sent: int      # dispatch rows sent to other ranks
+    tokens_recv: int      # dispatch rows received from other ranks
+    bytes_sent: int       # counts + dispatch rows + combine rows sent to other ranks
+    bytes_recv: int       # counts + dispatch rows + combine rows received from other ranks
+
+    def __add__(self, other: CommStats) -> CommStats:  # type: ignore[override]
+        return CommStats(*(a + b for a, b in zip(self, other)))
+
+
+ZERO_COMM = CommStats(0, 0, 0, 0)
+
+
+class EPPlan(NamedTuple):
+    """Everything combine needs to send rows back and scatter them to their tokens."""
+    local: DispatchPlan   # local sort: token and weight of each sent slot
+    order_R: Tensor       # received row -> expert-major position (index_select order)
+    send_W: list[int]     # rows sent to each rank
+    recv_W: list[int]     # rows received from each rank
+    x_RD: Tensor          # received rows: combine ties a zero-row output to them (see combine)
+    tokens_E: Tensor      # this rank's slots per (global) expert, before the all-to-all
+
+
+class EPDispatcher:
+    """Expert-parallel dispatcher with the LocalDispatcher interface; counts_E returned are local (L,)."""
+
+    def __init__(self, n_experts: int, placement: Placement, group=None):
+        rank, world = current_world(group)  # checks only: no collective before every argument is validated
+        if placement.n_experts != n_experts:
+            raise ValueError(f"placement covers {placement.n_experts} experts but the layer has "
+                             f"n_experts={n_experts}: every expert needs exactly one rank")
+        if placement.world_size != world:
+            raise ValueError(f"placement is for world_size={placement.world_size} but the process group has "
+                             f"{world} ranks: build the Placement with world_size={world}")
+        self.n_experts, self.placement, self.group, self.rank, self.world = n_experts, placement, group, rank, world
+        self.local_experts = placement.experts_of(rank)
+        self.n_local_W = placement.n_local()
+        pos = torch.empty(n_experts, dtype=torch.long)
+        pos[torch.tensor(placement.order())] = torch.arange(n_experts)
+        self.pos_E = pos                       # global expert id -> position in send order
+        self.last_comm = ZERO_COMM             # traffic of the latest forward
+        self.step_comm = ZERO_COMM             # summed over grad-enabled forwards since take_comm()
+
+    def dispatch(self, x_TD: Tensor, expert_idx_TK: Tensor, weight_TK: Tensor,
+                 pads=None) -> tuple[Tensor, Tensor, EPPlan]:
+        """`pads` is ignored: received rows are not padded here (the experts path pads them if it pays)."""
+        pos_E = self.pos_E.to(expert_idx_TK.device)
+        pos_TK = torch.where(expert_idx_TK >= 0, pos_E[expert_idx_TK.clamp_min(0)], -1)
+        local = sort_plan(pos_TK, weight_TK, self.n_experts)  # rows grouped by (rank, expert)
+        L, W = len(self.local_experts), self.world
+        recv_counts = local.counts_E.new_empty(W * L)
+        dist.all_to_all_single(recv_counts, local.counts_E.contiguous(), [L] * W, self.n_local_W, group=self.group)
+        recv_counts_WL = recv_counts.view(W, L)
+        send_W = [int(c.sum()) for c in torch.split(local.counts_E.cpu(), self.n_local_W)]
+        recv_W = recv_counts_WL.sum(1).tolist()
+        x_RD = all_to_all(permute(x_TD, local), out_splits=recv_W, in_splits=send_W, group=self.group)
+        expert_R = torch.arange(L, device=x_RD.device).repeat(W).repeat_interleave(recv_counts_WL.reshape(-1))
+        order_R = torch.argsort(expert_R, stable=True)  # (source rank, expert) -> (expert, source rank)
+        self._account(send_W, recv_W, x_TD)
+        x_RD = x_RD.index_select(0, order_R)
+        tokens_E = local.tokens_E.index_select(0, pos_E)
+        return x_RD, recv_counts_WL.sum(0), EPPlan(local, order_R, send_W, recv_W, x_RD, tokens_E)
+
+    def combine(self, y_RD: Tensor, plan: EPPlan) -> Tensor:
+        if y_RD.shape[0] == 0 and torch.is_grad_enabled():
+            # Nothing arrived (or no local experts): keep the dispatch all-to-all in the graph so this
+            # rank still joins its backward collective. Zero rows: no arithmetic, no change in value.
+            y_RD = y_RD + plan.x_RD[:, :1]
+        inv_R = torch.empty_like(plan.order_R)
+        inv_R[plan.order_R] = torch.arange(plan.order_R.numel(), device=plan.order_R.device)
+        y_RD = all_to_all(y_RD.index_select(0, inv_R), out_splits=plan.send_W, in_splits=plan.recv_W,
+                          group=self.group)
+        return unpermute(y_RD, plan.local)
+
+    def _account(self, send_W: list[int], recv_W: list[int], x_TD: Tensor) -> None:
+        me = self.rank
+        rows_out, rows_in = sum(send_W) - send_W[me], sum(recv_W) - recv_W[me]
+        row_bytes = x_TD.shape[1] * x_TD.element_size()
+        count_bytes = 8 * (self.n_experts - self.n_local_W[me])  # int64 counts to the other ranks
+        count_in = 8 * len(self.local_experts) * (self.world - 1)
+        self.last_comm = CommStats(rows_out, rows_in, count_bytes + (rows_out + rows_in) * row_bytes,
+                                   count_in + (rows_in + rows_out) * row_bytes)
+        if torch.is_grad_enabled():  # training traffic only: evaluation forwards run under no_grad
+            self.step_comm = self.step_comm + self.last_comm
+
+    def take_comm(self) -> CommStats:
+        """Traffic of the training forwards since the last call (e.g. one optimizer step), then reset."""
+        out, self.step_comm = self.step_comm, ZERO_COMM
+        return out
+
+
+# ----------------------------------------------------------------------------- model surgery
+def shard_moe_layer(layer: nn.Module, placement: Placement | Sequence[int] | dict | None = None,
+                    group=None) -> nn.Module:
+    """Turn a full MoELayer into its EP version in place: keep only this rank's experts' weights (ascending
+    global id) and dispatch over all-to-all. The expert Parameters stay the same objects (their data is
+    sliced), so an optimizer built before sharding -- and before its first step -- still holds them."""
+    E = layer.cfg.n_experts
+    _, world = current_world(group)
+    placement = (Placement.contiguous(E, world) if placement is None
+                 else Placement.from_map(placement, n_experts=E, world_size=world))
+    dispatcher = EPDispatcher(E, placement, group)
+    weights = layer.experts.weights
+    if weights.n_experts != E or is_sharded(layer):
+        raise ValueError(f"layer.experts has {weights.n_experts} experts, expected the full n_experts={E} "
+                         f"(is this layer sharded already?)")
+    for p in weights.parameters():
+        p.data = p.data[torch.tensor(dispatcher.local_experts, dtype=torch.long, device=p.device)].clone()
+    layer.experts.dispatcher = dispatcher
+    return layer
+
+
+def shard_model(model: nn.Module, placements=None, group=None) -> nn.Module:
+    """Shard every MoELayer (in module order). `placements`: None (contiguous), one map for all layers,
+    or a list with one map per layer."""
+    layers = moe_layers(model)
+    if isinstance(placements, list) and placements and not isinstance(placements[0], int):
+        if len(placements) != len(layers):
+            raise ValueError(f"got {len(placements)} placements for {len(layers)} MoE layers: "
+                             f"allowed one map for all layers or exactly one per layer")
+        per_layer = placements
+    else:
+        per_layer = [placements] * len(layers)
+    for layer, p in zip(layers, per_layer):
+        shard_moe_layer(layer, p, group)
+    return model
+
+
+def is_sharded(layer: nn.Module) -> bool:
+    return isinstance(layer.experts.dispatcher, EPDispatcher)
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters that live on one rank only (the sharded experts); all others are replicated."""
+    return [p for m in moe_layers(model) if is_sharded(m) for p in m.experts.weights.parameters()]
+
+
+def comm_stats(model: nn.Module) -> dict[str, CommStats]:
+    """Latest forward traffic per sharded MoE layer, keyed like model.named_modules()."""
+    return {name: m.experts.dispatcher.last_comm for name, m in model.named_modules()
+            if isinstance(m, MoELayer) and is_sharded(m)}
+
+
+def comm_record(model: nn.Module, group=None) -> dict[str, list[list[int]]]:
+    """Training all-to-all traffic since the last call, per rank per sharded layer, for metrics.jsonl:
+    {"tokens_sent": [[layer0, layer1, ...] for each rank], ...}. A collective: call it on every rank."""
+    _, world = current_world(group)
+    mine = torch.tensor([list(m.experts.dispatcher.take_comm()) for m in moe_layers(model) if is_sharded(m)],
+                        dtype=torch.float64, device=next(model.parameters()).device).reshape(-1, len(CommStats._fields))
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    return {f: [[int(v) for v in t[:, k].tolist()] for t in every] for k, f in enumerate(CommStats._fields)}
+
+
+# ----------------------------------------------------------------------------- data parallel + balancing
+def sync_grads(model: nn.Module, group=None, replica_group=None) -> None:
+    """Data-parallel gradient sync after backward, for per-rank losses that are means over equal-size
+    local batches (global loss = mean of the W rank losses, W = size of `group`): replicated params get the
+    all-reduced mean; expert params already hold the sum over their EP group's losses (the all-to-all
+    backward brought it), so they are summed over the copies of the same shard (`replica_group`, when
+    EP < W) and divided by W -- without the division they would be EP times too large."""
+    _, world = current_world(group)
+    experts = {id(p) for p in expert_parameters(model)}
+    shared = [p for p in model.parameters() if p.requires_grad and id(p) not in experts]
+    _sum_grads(shared, group)
+    local = expert_parameters(model)
+    if replica_group is not None and dist.get_world_size(replica_group) > 1:
+        _sum_grads(local, replica_group)
+    for p in shared + local:
+        if p.grad is not None:
+            p.grad /= world
+
+
+def _sum_grads(params: list[nn.Parameter], group) -> None:
+    """Sum the grads of `params` over `group` with one bucketed all-reduce (a missing grad counts as 0)."""
+    if not params:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat, group=group)  # SUM: gloo has no AVG
+    for p, g in zip(params, torch.split(flat, [p.numel() for p in params])):
+        p.grad = g.view_as(p).clone()
+
+
+def all_reduce_sum(t: Tensor, group=None) -> Tensor:
+    """A summed copy of `t` over `group` (the input is left as it is)."""
+    t = t.clone()
+    dist.all_reduce(t, group=group)
+    return t
+
+
+def enable_global_balance(model: nn.Module, group=None) -> None:
+    """Global-batch LBL across ranks: every balance='global' layer sums its counts over `group` too (a no-op
+    without an initialised process group of more than one rank)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
+        return
+    for m in moe_layers(model):
+        if "global" in m.state:
+            m.state["global"].reduce = partial(all_reduce_sum, group=group)
+
+
+def step_routers_global(model: nn.Module, group=None) -> None:
+    """Router-state step (loss-free bias, ReMoE coefficient) on observations summed over ranks, so every rank
+    applies the same update and keeps the same state."""
+    step_routers(model, reduce=partial(all_reduce_sum, group=group))
