@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from moelab.experts import ExpertTensors, RoutedExperts
-from moelab.offload_store import ExpertStore, attach, parse_cache_experts
+from moelab.offload_store import ExpertStore, attach, parse_cache_experts, trim_heap
 
 # per-expert tensor names (gate, up, down) as checkpoints store them; a table, not model-name branches
 PER_EXPERT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
@@ -39,7 +39,7 @@ def weight_files(folder: str | Path) -> dict[str, str]:
 
 class HFSafetensorsExperts:
     """One HF experts module's weights on disk, read one expert at a time in moelab's layout: (D, G) with gate|up
-    concatenated, (F, D), plus biases when the module has them."""
+    concatenated, (F, D), plus biases when the module has them; copied out of the memory-mapped file."""
 
     def __init__(self, files: dict[str, str], prefix: str, module: nn.Module):
         self.files, self._local = files, threading.local()
@@ -74,13 +74,14 @@ class HFSafetensorsExperts:
         if self.fused is None:
             p, (g, u, d) = self.prefix, self.names
             gate_FD, up_FD = (self._get(f"{p}.{e}.{n}.weight")[:] for n in (g, u))
-            return ExpertTensors(torch.cat([gate_FD, up_FD]).T.contiguous(), self._get(f"{p}.{e}.{d}.weight")[:].T)
-        w_up, w_down = (self._get(k)[e:e + 1][0] for k in self.fused)
+            return ExpertTensors(torch.cat([gate_FD, up_FD]).T.contiguous(),
+                                 self._get(f"{p}.{e}.{d}.weight")[:].T.contiguous())
+        w_up, w_down = (self._get(k)[e:e + 1][0].clone() for k in self.fused)
         if not self.module_flags["is_transposed"]:  # stored (out, in) per expert, as nn.Linear
             w_up, w_down = w_up.T, w_down.T
         if self.bias is None:
             return ExpertTensors(w_up, w_down)
-        b_up, b_down = (self._get(k)[e:e + 1][0] for k in self.bias)
+        b_up, b_down = (self._get(k)[e:e + 1][0].clone() for k in self.bias)
         return ExpertTensors(w_up, w_down, b_up, b_down)
 
 
@@ -119,6 +120,7 @@ def offload_hf(model: nn.Module, folder: str | Path, *, capacity: int | str, pol
         mod.__dict__[_ATTR] = routed  # what moelab.hf_backend.routed_experts_of returns for this module
     register()
     model.set_experts_implementation("moelab")
+    trim_heap()
     return store
 
 

@@ -70,7 +70,8 @@ class OffloadStats:
 
 class SafetensorsExperts:
     """One layer's experts in a safetensors file, as moelab stores them: 3-D (E, D, G) / (E, F, D) tensors,
-    read one expert at a time by slicing (safe_open memory-maps the file; only the slice is copied)."""
+    read one expert at a time by slicing. safe_open memory-maps the file and a slice is a view of the mapping;
+    read() copies it into ordinary (anonymous) memory: that copy is what the cache holds and counts."""
 
     def __init__(self, path: str | Path, up_key: str, down_key: str):
         from safetensors import safe_open
@@ -92,7 +93,8 @@ class SafetensorsExperts:
 
     def read(self, e: int) -> ExpertTensors:
         f = self._handle()
-        return ExpertTensors(f.get_slice(self.up_key)[e:e + 1][0], f.get_slice(self.down_key)[e:e + 1][0])
+        return ExpertTensors(f.get_slice(self.up_key)[e:e + 1][0].clone(),
+                             f.get_slice(self.down_key)[e:e + 1][0].clone())
 
 
 class _Keys:
@@ -323,6 +325,7 @@ def offload_model(model: nn.Module, weights_file: str | Path, *, capacity: int |
         del layer.experts.weights  # the (empty or materialised) Experts module goes; its memory is freed
         attach(layer.experts, store, i, act)
     model.load_state_dict(sd, strict=False)
+    trim_heap()
     return store
 
 
@@ -352,6 +355,16 @@ def memory_now() -> dict[str, int]:
         if name in want:
             out[want[name]] = int(rest.split()[0]) * 1024
     return out
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc malloc_trim): tensors freed after loading (the experts a
+    transformers model materialised) otherwise stay in the process's anonymous memory. No-op without glibc."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def parse_cache_experts(text: str, n_layers: int, expert_bytes: int, top_k: int) -> int:
