@@ -160,6 +160,12 @@ def test_experts_never_materialised(model_file):
     one = 3 * 32 * 16 * 4  # (D*2F + F*D) fp32
     assert store.expert_bytes == one
     assert store.resident_experts == 0
+    t = store.sources[1].read(5)  # a copy of just that expert (not a view of the whole mapped tensor)
+    assert sum(x.untyped_storage().nbytes() for x in t if x is not None) == one
+    from safetensors.torch import load_file
+    sd = load_file(str(path))
+    assert torch.equal(t.w_up, sd["blocks.1.ffn.experts.weights.w_up_EDG"][5])
+    assert torch.equal(t.w_down, sd["blocks.1.ffn.experts.weights.w_down_EFD"][5])
 
 
 def test_load_offloaded_from_a_run(model_file, tmp_path):
