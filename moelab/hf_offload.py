@@ -132,7 +132,6 @@ class _Stub:
         self.n_experts = n
 
 
-
 def generate_hf_offloaded(folder: str | Path, prompt: str, *, capacity: int | str, policy: str = "lru",
                           max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None, seed: int = 0):
     """(text, new tokens, seconds, store): a local transformers model's generate (its own KV cache) with the
