@@ -62,13 +62,17 @@ def worker(cfg: dict) -> dict:
     out["load_s"] = time.perf_counter() - t0
     out["mem_loaded"] = memory_now()
     t0 = time.perf_counter()
-    if cfg["mode"].startswith("hf"):
+    T, K = cfg["temperature"], 20  # sampling (fixed seed) unless T = 0: greedy text of a briefly trained model
+    if cfg["mode"].startswith("hf"):  # degenerates into one repeated byte, which flatters every cache
         ids = tok(PROMPT, return_tensors="pt").input_ids
-        toks = model.generate(ids, max_new_tokens=cfg["tokens"], min_new_tokens=cfg["tokens"], do_sample=False,
-                              use_cache=True, pad_token_id=0)[0, ids.shape[1]:]
+        torch.manual_seed(0)
+        kw = {"do_sample": True, "temperature": T, "top_k": K} if T > 0 else {"do_sample": False}
+        toks = model.generate(ids, max_new_tokens=cfg["tokens"], min_new_tokens=cfg["tokens"], use_cache=True,
+                              pad_token_id=0, **kw)[0, ids.shape[1]:]
     else:
         ids = torch.tensor([BOS_ID] + list(PROMPT.encode()))
-        toks = generate(model, ids, max_new_tokens=cfg["tokens"], temperature=0)
+        toks = generate(model, ids, max_new_tokens=cfg["tokens"], temperature=T, top_k=K,
+                        generator=torch.Generator().manual_seed(0))
     out["gen_s"] = time.perf_counter() - t0
     out["tok_s"] = cfg["tokens"] / out["gen_s"]
     out["mem"] = memory_now()
@@ -77,6 +81,7 @@ def worker(cfg: dict) -> dict:
     if store is not None:
         store.close()
         out["stats"] = store.stats.summary(store.expert_bytes)
+        out["text"] = bytes(t for t in toks.tolist() if t < 256).decode("utf-8", errors="replace")
         out["capacity"], out["expert_bytes"], out["n_experts_total"] = store.capacity, store.expert_bytes, \
             store.E * store.L
     return out
@@ -96,7 +101,9 @@ def main() -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--run", help="run folder (moelab train) of a model large enough for memory to show")
     ap.add_argument("--hf", help="also a local transformers MoE model folder (through moelab's experts backend)")
-    ap.add_argument("--tokens", type=int, default=64, help="new tokens per generation (greedy)")
+    ap.add_argument("--tokens", type=int, default=64, help="new tokens per generation")
+    ap.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (top-k 20, seed 0); 0 = "
+                    "greedy")
     ap.add_argument("--caches", default="8,16,32", help="experts per layer (comma list)")
     ap.add_argument("--policies", default="lru,lfu,least-stale,prefetch", help="comma list")
     ap.add_argument("--main-cache", default="16", help="cache size at which every policy runs (others: lru only)")
@@ -118,7 +125,8 @@ def main() -> int:
         with open(files[fam], "rb") as f:  # warm the page cache: every configuration reads memory, not disk
             while f.read(64 << 20):
                 pass
-        base = {"run": src, "family": fam, "tokens": args.tokens, "threads": args.threads}
+        base = {"run": src, "family": fam, "tokens": args.tokens, "threads": args.threads,
+                "temperature": args.temperature}
         configs.append({**base, "mode": full})
         for c in args.caches.split(","):
             for pol in args.policies.split(","):
@@ -151,7 +159,7 @@ def main() -> int:
                        prefetch_waits=s["prefetch_waits"], n_experts_total=last["n_experts_total"],
                        expert_bytes=last["expert_bytes"])
         rows.append(row)
-    res = {"meta": {"run": args.run, "hf": args.hf,
+    res = {"meta": {"run": args.run, "hf": args.hf, "temperature": args.temperature, "top_k": 20, "seed": 0,
                     "weights_file_MB": {k: f.stat().st_size / 1e6 for k, f in files.items()}, "tokens": args.tokens,
                     "prompt": PROMPT, "threads": args.threads, "repeats": args.repeats,
                     "loadavg_start": load0, "loadavg_end": load1, "date": time.strftime("%Y-%m-%d %H:%M UTC",
@@ -162,7 +170,7 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(res, indent=1))
     from rich.console import Console
     from rich.table import Table
-    t = Table(title=f"offloaded vs fully loaded generation, {args.tokens} greedy tokens, load {load0[0]:.1f}"
+    t = Table(title=f"offloaded vs fully loaded generation, {args.tokens} tokens at T={args.temperature}, load {load0[0]:.1f}"
                     f"->{load1[0]:.1f}")
     for col in ("model", "mode", "cache/layer", "policy", "tok/s", "vs full", "same tokens", "hit rate (decode)",
                 "experts MB", "anon MB", "file pages MB", "peak RSS MB"):
