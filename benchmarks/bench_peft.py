@@ -5,6 +5,9 @@ a copy, fine-tune briefly (same steps, data, seed), evaluate per domain (moelab.
 plain LoRA adapters are trained first and saved as PEFT folders; X-LoRA and the similarity router mix them.
 3. Compress the base: merge to half (MC-SMoE grouping) vs random groups vs pruning by usage, loss before/after.
 Writes benchmarks/results/bench_peft.json.  Usage: python benchmarks/bench_peft.py [--base-steps N ...]
+With --adapt: a base trained on one domain, adapted to all domains by ESFT, one LoRA and a mixture of LoRA
+experts at ESFT's trainable parameters, and a full fine-tune (moelab.peft_train trainers); writes
+benchmarks/results/bench_peft_adapt.json.
 """
 from __future__ import annotations
 
@@ -115,6 +118,110 @@ def experts_per_token(model: MoELM, cfg: LoRAConfig, corpus: Corpus, tcfg: Train
     return sum(float(s.experts_per_token) for s in st) / len(st)
 
 
+def lora_specialization(model: MoELM, corpus: Corpus, tcfg: TrainConfig) -> float | None:
+    """JS divergence (bits) of each domain's LoRA-expert distribution from the overall one, mean over adapted
+    linears and domains (validation batches); None without routed LoRA experts."""
+    import numpy as np
+
+    from moelab.analysis import js_divergence
+    mods = {n: m for n, m in lora_modules(model).items() if m.cfg.variant == "mixlora"}
+    if not mods:
+        return None
+    counts = {n: np.zeros((len(corpus.domains), m.cfg.n_experts)) for n, m in mods.items()}
+    model.eval()
+    with torch.no_grad():
+        for d, dom in enumerate(corpus.domains):
+            for b in corpus.val_batches(dom, tcfg.batch_size, tcfg.seq_len, tcfg.eval_batches):
+                model(b.idx_BS, valid_BS=b.valid_BS)
+                for n, m in mods.items():
+                    idx = m.last_routing.expert_idx_TK[b.valid_BS.reshape(-1)].reshape(-1)
+                    counts[n][d] += np.bincount(idx[idx >= 0].numpy(), minlength=m.cfg.n_experts)
+    js = [js_divergence(c, np.broadcast_to(c.sum(0), c.shape)).mean() for c in counts.values()]
+    return float(np.mean(js))
+
+
+def routed_specialization(expert_by_domain: dict) -> float:
+    """JS divergence (bits) of each domain's routed-expert distribution from the overall one (evaluate's
+    counts), mean over MoE layers and domains."""
+    import numpy as np
+
+    from moelab.analysis import js_divergence
+    js = []
+    for c in expert_by_domain.values():
+        c = np.asarray(c)
+        js.append(js_divergence(c, np.broadcast_to(c.sum(0), c.shape)).mean())
+    return float(np.mean(js))
+
+
+def adapt(args) -> None:
+    """Domain adaptation at equal trainable parameters: ESFT vs one LoRA vs a mixture of LoRA experts."""
+    from moelab.checkpoint import latest, load_checkpoint, load_model
+    from moelab.data import build_corpus
+    from moelab.esft import ESFTConfig, tuned_slot_share
+    from moelab.peft_train import ESFTTrainer, LoRATrainer, domain_corpus
+    torch.set_num_threads(args.threads)
+    load0, t0 = os.getloadavg(), time.time()
+    work = Path(tempfile.mkdtemp(prefix="bench_peft_adapt_"))
+    corpus = build_corpus(["builtin"])
+    base_cfg = TrainConfig(steps=args.base_steps, batch_size=8, seq_len=128, warmup=20, eval_every=0, ckpt_every=0,
+                           eval_batches=4, log_every=10_000)
+    Trainer(tiny(), base_cfg, work / "base", corpus=domain_corpus(corpus, args.base_domain), verbose=False).fit()
+    rows = []
+
+    def record(name: str, seed: int, model: MoELM, trainable: int, ept: float, extra: dict | None = None) -> None:
+        ev = evaluate(model, corpus, base_cfg)
+        rows.append({"arm": name, "seed": seed, "trainable": trainable, "experts_per_token": round(ept, 3),
+                     "val_loss": ev["val_loss"], "mean": sum(ev["val_loss"].values()) / len(ev["val_loss"]),
+                     "routed_specialization": round(routed_specialization(ev["expert_by_domain"]), 4),
+                     **(extra or {})})
+        print(rows[-1], flush=True)
+
+    base, _ = load_model(work / "base")
+    record(f"base (trained on {args.base_domain} only)", 0, base, 0, 0.0)
+    K = base.cfg.moe.top_k
+    seeds = [int(x) for x in args.seeds.split(",")]
+    for seed in seeds:  # per seed: fine-tuning data order, adapter init, ESFT's scored tokens
+        ft = base_cfg.replace(steps=args.ft_steps, lr=args.lr, warmup=10, weight_decay=0.0, seed=seed)
+        w = work / f"seed{seed}"
+        esft = {}
+        for score, p in (("token", 0.2), ("gate", 0.1)):
+            tr = ESFTTrainer(work / "base", ESFTConfig(score=score, top_p=p), ft, w / f"esft_{score}",
+                             corpus=corpus, verbose=False)
+            tr.fit()
+            esft[score] = tr.trainable
+            record(f"ESFT-{score.capitalize()} p={p}", seed, tr.model, tr.trainable,
+                   K * tuned_slot_share(tr.scores, tr.experts),
+                   {"experts": tr.experts, "n_experts": sum(len(v) for v in tr.experts.values())})
+        budget = esft["token"]
+        lora1 = LoRAConfig(variant="lora", rank=1, targets="all", seed=seed)
+        per_rank = LoRATrainer(work / "base", lora1, ft, w / "probe", corpus=corpus, verbose=False).trainable
+        r1 = max(1, round(budget / per_rank))
+        mix1 = LoRAConfig(variant="mixlora", n_experts=4, top_k=2, rank=1, targets="all", seed=seed)
+        gate = LoRATrainer(work / "base", mix1, ft, w / "probe", corpus=corpus, verbose=False).trainable - 4 * per_rank
+        r4 = max(1, round((budget - gate) / (4 * per_rank)))
+        for name, c in (("one LoRA (rank matched)", lora1.replace(rank=r1)),
+                        ("mixlora E=4 k=2 (rank matched)", mix1.replace(rank=r4))):
+            tr = LoRATrainer(work / "base", c, ft, w / c.variant, corpus=corpus, verbose=False)
+            tr.fit()
+            record(name, seed, tr.model, tr.trainable, experts_per_token(tr.model, c, corpus, ft),
+                   {"rank": c.rank, "lora_specialization": lora_specialization(tr.model, corpus, ft)})
+        full = Trainer(tiny(), ft, w / "full", corpus=corpus, verbose=False)
+        load_checkpoint(latest(work / "base"), model=full.model)
+        full.fit()
+        record("full fine-tune", seed, full.model, sum(p.numel() for p in full.model.parameters()), float(K))
+    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": os.uname().nodename,
+           "threads": args.threads, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+           "wall_s": round(time.time() - t0, 1), "base_train_config": asdict(base_cfg), "base_domain": args.base_domain,
+           "adapt_train_config": asdict(ft), "seeds": seeds, "rows": rows}
+    out = Path(args.out).with_name("bench_peft_adapt.json") if args.out == DEFAULT_OUT else Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    print(f"wrote {out}")
+
+
+DEFAULT_OUT = "benchmarks/results/bench_peft.json"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--base-steps", type=int, default=300)
@@ -122,8 +229,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--recover-steps", type=int, default=50, help="full fine-tune steps after compressing")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="benchmarks/results/bench_peft.json")
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--adapt", action="store_true", help="only the domain-adaptation table (ESFT vs LoRA experts)")
+    ap.add_argument("--base-domain", default="c", help="--adapt: the one domain the base is trained on")
+    ap.add_argument("--seeds", default="1,2", help="--adapt: fine-tuning seeds (comma list)")
     args = ap.parse_args()
+    if args.adapt:
+        return adapt(args)
     torch.set_num_threads(args.threads)
     load0, t0 = os.getloadavg(), time.time()
     tcfg = TrainConfig(steps=args.base_steps, batch_size=8, seq_len=128, warmup=20, eval_every=0, ckpt_every=0,

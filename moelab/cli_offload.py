@@ -116,7 +116,8 @@ def cmd_generate(args) -> int:
 
     import torch
 
-    from moelab.model import BOS_ID, generate
+    from moelab.hf_tokenizer import load_tokenizer, prompt_ids
+    from moelab.model import generate
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads={args.threads} is invalid: allowed an integer >= 1")
@@ -134,15 +135,17 @@ def cmd_generate(args) -> int:
         print(report_offload(store, n, dt), file=sys.stderr)
         return 0
     model, store = offloaded_model(args)
-    ids = torch.tensor([BOS_ID] + list(args.prompt.encode("utf-8")))
+    tok = load_tokenizer(model.cfg.tokenizer, args.run)
+    ids = prompt_ids(tok, args.prompt)
     t0 = time.perf_counter()
     try:
         out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, generator=torch.Generator().manual_seed(args.seed))
+                       top_k=args.top_k, generator=torch.Generator().manual_seed(args.seed),
+                       suppress_ids=tok.never_sampled(model.cfg.vocab_size))
     finally:
         store.close()
     dt = time.perf_counter() - t0
-    print(args.prompt + bytes(out.tolist()).decode("utf-8", errors="replace"))
+    print(args.prompt + tok.decode(out.tolist()))
     print(report_offload(store, out.numel(), dt), file=sys.stderr)
     return 0
 

@@ -309,6 +309,9 @@ def trace_hf_path(path_or_name: str, data: list[str] | None = None, *, seq_len: 
                 break
             ids += tok(document_text(d.data), add_special_tokens=False)["input_ids"][: want]
         token_docs.append((dom, ids))
+    if not any(ids for _, ids in token_docs):
+        raise ValueError(f"--hf {path_or_name!r} has no tokenizer files (tokenizer.json / tokenizer_config.json): "
+                         f"every text maps to no tokens; add the model's tokenizer to the folder")
     doms, wins = windows(token_docs, seq_len, max_tokens)
     return trace_hf(model, wins, doms, batch_size=batch_size, logits=logits, decode=lambda t: tok.decode([t]),
                     meta={"model": str(path_or_name), "seq_len": seq_len})

@@ -2,7 +2,8 @@
 
 L=MoE layers, E=experts, W=devices, S=slots per device, C=max copies per expert, P=layer pairs (L-1).
 Objective (1) `solve_load`, one MIP per layer: choose copies c_e and copies per device so that, with each
-expert's rows spread evenly over its copies (the rule placement_metrics.replica_device applies), the slowest
+expert's rows spread evenly over its copies (EPLB's load model; at run time placement_metrics.replica_slot
+prefers the copy on the row's home rank and spreads the rest evenly), the slowest
 device's load / speed is minimal; capacity S slots per device. Objective (2) `solve_traffic`, one MIP over all
 layers: one copy per expert, minimise the modelled rows that change device between consecutive layers
 (MoETuner, arXiv 2502.06643 sec. 3; ExFlow, arXiv 2401.08383 sec. 4) with every layer's max load within

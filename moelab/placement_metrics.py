@@ -3,9 +3,11 @@
 L=MoE layers, N=tokens, K=slots per token, E=experts, W=devices, P=layer pairs (L-1).
 Replay rule (also the run-time rule): sequences are dealt to ranks the way the EP trainer slices a global batch
 (rank r keeps sequences r*B..(r+1)*B-1 of each batch of W*B), so a token's home rank is where its row starts
-and returns each layer (moelab.parallel's dispatcher). A row for expert e with c copies uses copy
-(t * K + k + home) % c, t = the token's index on its home rank in its batch, k its slot: rows spread evenly
-over copies, as EPLB's load model (load / logcnt per copy) assumes.
+and returns each layer (moelab.parallel's dispatcher). A row for expert e uses the copy on its home rank when
+there is one; otherwise it picks among all c copies: copy (t * K + k + home) % c, t = the token's index on its
+home rank in its batch, k its slot, so rows without a local copy spread evenly over the copies (EPLB's load
+model, load / logcnt per copy, is this spread; local copies make the real split lean towards home ranks).
+`replica_slot` is that rule; the EP dispatcher calls the same function.
 """
 from __future__ import annotations
 
@@ -71,13 +73,39 @@ def home_ranks(seq_ids_N: np.ndarray, world_size: int, seqs_per_rank: int = 1) -
     return home_N, local_N
 
 
-def replica_device(p: Placement, idx_NK: np.ndarray, home_N: np.ndarray, local_N: np.ndarray) -> np.ndarray:
-    """Device serving each row (-1 for empty slots): copy (local * K + k + home) % logcnt[e] of expert e."""
-    K = idx_NK.shape[1]
+def replica_table(p: Placement) -> tuple[np.ndarray, np.ndarray]:
+    """(cand_WEC, n_WE): the physical slots a row from home device w may use for expert e (its copies on w when
+    it has any, else all its copies; ascending slot order, -1 padded) and how many there are."""
+    W, S, E = p.world_size, p.slots, p.n_experts
     log2phy, cnt = p.log2phy, p.logcnt
+    cand = np.full((W, E, log2phy.shape[1]), -1, dtype=np.int64)
+    n = np.zeros((W, E), dtype=np.int64)
+    for w in range(W):
+        for e in range(E):
+            slots = log2phy[e, :cnt[e]]
+            mine = slots[slots // S == w]
+            use = mine if len(mine) else slots
+            cand[w, e, :len(use)], n[w, e] = use, len(use)
+    return cand, n
+
+
+def replica_slot(p: Placement, idx_NK: np.ndarray, home_N: np.ndarray, local_N: np.ndarray,
+                 table: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Physical slot serving each row (-1 for empty slots): the home device's copy of expert e if it holds one,
+    else copy (local * K + k + home) % logcnt[e]; among several home copies, the same formula picks one.
+    `table`: replica_table(p), precomputed by callers that apply the rule often (the EP dispatcher)."""
+    K = idx_NK.shape[1]
+    cand_WEC, n_WE = replica_table(p) if table is None else table
     e = np.where(idx_NK >= 0, idx_NK, 0).astype(np.int64)
-    copy = (local_N[:, None] * K + np.arange(K)[None, :] + home_N[:, None]) % cnt[e]
-    return np.where(idx_NK >= 0, log2phy[e, copy] // p.slots, -1)
+    home = np.broadcast_to(np.asarray(home_N, dtype=np.int64)[:, None], e.shape)
+    copy = (np.asarray(local_N, dtype=np.int64)[:, None] * K + np.arange(K)[None, :] + home) % n_WE[home, e]
+    return np.where(idx_NK >= 0, cand_WEC[home, e, copy], -1)
+
+
+def replica_device(p: Placement, idx_NK: np.ndarray, home_N: np.ndarray, local_N: np.ndarray) -> np.ndarray:
+    """Device serving each row (-1 for empty slots): the device of `replica_slot`."""
+    slot = replica_slot(p, idx_NK, home_N, local_N)
+    return np.where(slot >= 0, slot // p.slots, -1)
 
 
 # ---------------------------------------------------------------------------- network model

@@ -33,6 +33,7 @@ from moelab.placement_metrics import (
     home_ranks,
     migration_bytes,
     replica_device,
+    replica_slot,
     score,
     split_tokens,
     transitions,
@@ -226,8 +227,18 @@ def test_home_ranks_and_replica_rule_by_hand():
     p = Placement.from_phy2log([0, 1, 0, 2], n_experts=3, world_size=2)  # expert 0 on both devices
     idx = np.array([[0, 1], [0, -1], [0, 2]])
     dev = replica_device(p, idx, np.array([0, 1, 1]), np.array([0, 0, 1]))
-    # copy = (local*K + k + home) % cnt: row (0,0): 0 -> slot 0 dev 0; (1,0): 1 -> slot 2 dev 1; (2,0): 3%2=1 -> dev 1
+    # every row's home device holds a copy of its expert: rows stay home
     assert dev.tolist() == [[0, 0], [1, -1], [1, 1]]
+    # expert 0 on devices 0 and 1, none on device 2: rows from device 2 alternate copy (t + 2) % 2 -> slot 0, 2, 0;
+    # rows from devices 0 and 1 use their own copy (the old "spread evenly" rule sent (home 0, t=1) to device 1)
+    p3 = Placement.from_phy2log([0, 1, 0, 2, 3, 4], n_experts=5, world_size=3)
+    idx = np.zeros((5, 1), dtype=np.int64)
+    dev = replica_device(p3, idx, np.array([2, 2, 2, 0, 1]), np.array([0, 1, 2, 1, 2]))
+    assert dev[:, 0].tolist() == [0, 1, 0, 0, 1]
+    # two copies on the home device: spread over them; a device without one spreads over all copies
+    p2 = Placement.from_phy2log([0, 0, 1, 2], n_experts=3, world_size=2)
+    slot = replica_slot(p2, np.zeros((4, 1), dtype=np.int64), np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]))
+    assert slot[:, 0].tolist() == [0, 1, 1, 0]
 
 
 def test_score_by_hand():

@@ -103,9 +103,13 @@ def test_relu_coefficient_steps_once_per_optimizer_step():
         out = layer(x)
         sparsities.append(1 - float((out.routing.expert_idx_TK >= 0).sum()) / (x.shape[0] * 4))
         assert float(coef) == pytest.approx(1e-3)  # unchanged inside the step
-        l1 = float(torch.relu(out.routing.logits_TE).sum(-1).mean())
+        g = torch.relu(out.routing.logits_TE)  # ReMoE's load-balanced L1 (paper eq. 8), by a loop
+        T, k = g.shape[0], 2
+        l1 = sum(4 / (k * T) * float((g[:, e] > 0).sum()) * float(g[:, e].mean()) for e in range(4))
         assert float(out.losses["relu_l1"]) == pytest.approx(l1, rel=1e-5)
-        assert float(out.aux_loss) == pytest.approx(1e-3 * l1 + 1e-2 * float(out.losses["aux"]), rel=1e-5)
+        assert "aux" not in out.losses  # the balanced L1 replaces the Switch loss (balance='aux')
+        assert float(out.aux_loss) == pytest.approx(1e-3 * l1 + sum(
+            1e-3 * float(v) for n, v in out.losses.items() if n == "z"), rel=1e-5)
     with torch.no_grad():
         layer(torch.randn(5, 8) * 10)
     layer.eval()
@@ -209,7 +213,7 @@ def test_special_experts_hand_worked():
 def test_special_aux_loss_hand_worked():
     probs = torch.tensor([[0.5, 0.2, 0.3], [0.1, 0.6, 0.3]])
     idx = torch.tensor([[0, 2], [1, -1]])  # counts 1,1,1 -> f = 1/3 each; P = (.3, .4, .3)
-    got = special_aux_loss(probs_TN=probs, expert_idx_TK=idx, n_experts=2, tau=0.5)
+    got = special_aux_loss(probs_TA=probs, expert_idx_TK=idx, n_experts=2, tau=0.5)
     assert float(got) == pytest.approx(3 * (0.3 / 3 + 0.4 / 3 + 0.5 * 0.3 / 3))
 
 
