@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from moelab.cli_offload import add_offload_flags
 from moelab.resolver import RunConfig, add_config_flags, apply, diff, overrides_from_args, resolve
 from moelab.runtime import DEVICES, DTYPES, Runtime, runtime
 
@@ -151,7 +152,11 @@ def _generate(args: argparse.Namespace) -> int:
         prompt = Path(args.prompt_file).read_text(encoding="utf-8")
     else:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, _ = load_model(args.run, args.ckpt)
+    if args.offload:  # experts read from the checkpoint file on demand (moelab.offload_store)
+        from moelab.cli_offload import offloaded_model, report_offload
+        model, store = offloaded_model(args)
+    else:
+        model, _ = load_model(args.run, args.ckpt)
     tok = load_tokenizer(model.cfg.tokenizer, args.run)
     ids = prompt_ids(tok, prompt).to(rt.device)
     if ids.numel() + args.max_new_tokens > model.cfg.max_seq_len:
@@ -164,7 +169,11 @@ def _generate(args: argparse.Namespace) -> int:
                            args.seed), use_cache=not args.no_cache, suppress_ids=tok.never_sampled(model.cfg.vocab_size))
     dt = time.perf_counter() - t0
     print(prompt + tok.decode(out.tolist()))
-    print(f"{out.numel()} tokens in {dt:.2f} s ({out.numel() / max(dt, 1e-9):.1f} tokens/s)", file=sys.stderr)
+    if args.offload:
+        store.close()
+        print(report_offload(store, out.numel(), dt), file=sys.stderr)
+    else:
+        print(f"{out.numel()} tokens in {dt:.2f} s ({out.numel() / max(dt, 1e-9):.1f} tokens/s)", file=sys.stderr)
     return 0
 
 
@@ -247,6 +256,7 @@ def register(sub) -> None:
     g.add_argument("--no-cache", action="store_true", help="re-read the whole context every token instead of a "
                    "KV cache (same tokens, slower)")
     add_runtime_flags(g)
+    add_offload_flags(g)
     g.set_defaults(func=_generate)
     pl = sub.add_parser("plot", help="plots of a run, or several runs overlaid",
                         description="One RUN: write loss.png, expert_load.png, max_vio.png and specialization.png "
