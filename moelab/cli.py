@@ -8,9 +8,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moelab import __version__, cli_compare, cli_convert, cli_lora, cli_offload, cli_place, cli_run, cli_trace
+from moelab import (
+    __version__,
+    cli_compare,
+    cli_convert,
+    cli_hf,
+    cli_lora,
+    cli_offload,
+    cli_place,
+    cli_run,
+    cli_trace,
+)
 
-AREAS = (cli_run, cli_trace, cli_convert, cli_place, cli_offload, cli_lora, cli_compare)  # each has register(subparsers)
+# each area has register(subparsers)
+AREAS = (cli_run, cli_trace, cli_convert, cli_hf, cli_place, cli_offload, cli_lora, cli_compare)
 
 
 def _bench(args: argparse.Namespace) -> int:
