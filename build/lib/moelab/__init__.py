@@ -2,7 +2,7 @@
 
 Shape letters, one meaning each, used in tensor names across the package (x_TD, w_up_EDG, counts_LE):
 B sequences, S positions in a sequence, T tokens (B*S, flattened), D d_model, V vocabulary, H attention heads,
-E routed experts, N router outputs (E + null/zero/copy/const experts; traced tokens in trace files),
+E routed experts, A all router outputs (E + null/zero/copy/const experts), N traced tokens (trace files),
 K slots per token (top-k), F expert hidden size, G fused gate|up width (2F for SwiGLU, F for GELU),
 R rows after dispatch (sorted by expert, padded or received over all-to-all), C rows per expert after
 padding (or capacity), L MoE layers, W ranks.

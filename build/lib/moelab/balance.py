@@ -28,8 +28,8 @@ def switch_aux_loss(*, probs_TE: Tensor, expert_idx_TK: Tensor, n_experts: int,
                     eta_E: Tensor | None = None) -> Tensor:
     """Switch Transformer (Fedus et al. 2021) eq. 4: E * sum_i f_i * P_i.
 
-    f_i = share of routed slots that go to expert i, P_i = mean router probability of i over real
-    tokens. Equals 1.0 under perfectly uniform routing. transformers' `load_balancing_loss_func`
+    f_i = share of routed slots that go to expert i (the router's choice, before capacity drops, as in
+    Switch/GShard), P_i = mean router probability of i over real tokens. Equals 1.0 under perfectly uniform routing. transformers' `load_balancing_loss_func`
     returns top_k * this value (its f sums to k), pooled over the layers it concatenates.
     `counts_E` may be passed pre-reduced (global-batch balancing); it is treated as a constant.
     `eta_E` weights each expert's term (MoE++'s heterogeneous loss); None = all 1.
@@ -46,8 +46,10 @@ def switch_aux_loss(*, probs_TE: Tensor, expert_idx_TK: Tensor, n_experts: int,
 def seq_aux_loss(*, probs_BSE: Tensor, expert_idx_BSK: Tensor, n_experts: int, top_k: int,
                  valid_BS: Tensor | None = None) -> Tensor:
     """DeepSeek-V3 (arXiv 2412.19437) eq. 17-20, complementary sequence-wise balance loss, averaged
-    over sequences: sum_i f_i P_i with f_i = E/(K*S) * count_i and P_i = mean_t s'_{i,t}."""
-    B, S, E = probs_BSE.shape
+    over sequences: sum_i f_i P_i with f_i = E/(K*S) * count_i and P_i = mean_t s'_{i,t}.
+    Deviation: count_i counts the experts actually selected (biased, group-limited, before capacity drops)
+    where eq. 18 counts a plain top-K of s_{i,t}; the two differ only with a bias or n_group > 1."""
+    B, S, _ = probs_BSE.shape
     if valid_BS is None:
         valid_BS = torch.ones(B, S, dtype=torch.bool, device=probs_BSE.device)
     onehot_BSKE = torch.nn.functional.one_hot(expert_idx_BSK.clamp_min(0), n_experts).float()

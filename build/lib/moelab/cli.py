@@ -8,9 +8,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moelab import __version__, cli_lora, cli_offload, cli_run, cli_trace
+from moelab import (
+    __version__,
+    cli_compare,
+    cli_convert,
+    cli_hf,
+    cli_lora,
+    cli_offload,
+    cli_place,
+    cli_run,
+    cli_trace,
+)
 
-AREAS = (cli_run, cli_trace, cli_offload, cli_lora)  # each has register(subparsers)
+# each area has register(subparsers)
+AREAS = (cli_run, cli_trace, cli_convert, cli_hf, cli_place, cli_offload, cli_lora, cli_compare)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -40,13 +51,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_INPUT, EXIT_RUNTIME = 2, 1  # bad input (config, flags, files); the run or the machine failed (disk, NaN)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every expected failure is one line on stderr and an exit status: 2 bad input
+    (ValueError); 1 a write failed (OSError: disk full, read-only), training diverged or a rank died
+    (RunFailed); 128+signal when SIGINT (130) / SIGTERM (143) stopped training after a checkpoint."""
     args = build_parser().parse_args(argv)
+    from moelab.train import Interrupted, RunFailed
     try:
         return int(args.func(args) or 0)
     except ValueError as e:  # config / input errors: one clear line, no stack trace
         print(f"moelab {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
+    except Interrupted as e:  # the trainer saved a checkpoint and says how to resume
+        print(f"moelab {args.command}: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print(f"moelab {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, RunFailed) as e:
+        msg = str(e)
+        if isinstance(e, OSError) and e.strerror:  # moelab's own OSErrors carry the whole line as strerror
+            msg = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+        print(f"moelab {args.command}: error: {msg}", file=sys.stderr)
+        return EXIT_RUNTIME
 
 
 if __name__ == "__main__":

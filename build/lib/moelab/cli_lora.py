@@ -33,6 +33,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--base", help="base run folder (default: base_model_name_or_path in adapter_config.json)")
     m.add_argument("--out", required=True, help="output run folder")
     m.set_defaults(func=cli_lora_merge)
+    x = lsub.add_parser("experts", help="ESFT: score a run's experts on data and show which ones --esft would train",
+                        description="Expert-specialised fine-tuning's selection (ESFT, arXiv 2407.01906): score "
+                                    "every routed expert on the run's training data (or one domain of it) by token "
+                                    "selection ratio or mean gate score, keep per layer the top experts up to a "
+                                    "cumulative score p. Prints the scores and the choice; --out writes it in the "
+                                    "authors' expert_cfg.json format. Training: moelab train --init-from RUN --esft.")
+    x.add_argument("run", help="trained run folder")
+    x.add_argument("--score", choices=("token", "gate"), default="token", help="token selection ratio | gate score")
+    x.add_argument("--top-p", type=float, default=0.2, help="cumulative score threshold per layer")
+    x.add_argument("--domain", default="", help="score on this domain of the run's data (default: all)")
+    x.add_argument("--tokens", type=int, default=8192, help="tokens scored")
+    x.add_argument("--seed", type=int, default=1, help="sampling of the scored windows")
+    x.add_argument("--out", help="write the expert config JSON here")
+    x.set_defaults(func=cli_lora_experts)
 
     c = sub.add_parser("compress", help="shrink a trained MoE run: merge experts (MC-SMoE) or prune by usage",
                        description="Merge each MoE layer's experts to N (MC-SMoE: groups by routing-policy "
@@ -70,8 +84,8 @@ def save_run(model, meta: dict, out: str | Path) -> Path:
 
 
 def cli_lora_merge(args: argparse.Namespace) -> int:
-    from moelab.lora import load_lora, merge_lora
     from moelab.checkpoint import load_model
+    from moelab.lora import load_lora, merge_lora
     conf = json.loads((Path(args.run) / "adapter_config.json").read_text()) \
         if (Path(args.run) / "adapter_config.json").is_file() else None
     if conf is None:
@@ -91,9 +105,9 @@ def cli_compress(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from moelab.data import build_corpus
     from moelab.checkpoint import load_model
     from moelab.config import TrainConfig
+    from moelab.data import build_corpus
     from moelab.train import evaluate
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,4 +132,37 @@ def cli_compress(args: argparse.Namespace) -> int:
         t.add_row(d, f"{before[d]:.3f}", f"{after[d]:.3f}")
     Console().print(t)
     print(f"saved {save_run(new, meta, args.out)}")
+    return 0
+
+
+def cli_lora_experts(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from moelab.checkpoint import load_model
+    from moelab.config import TrainConfig
+    from moelab.data import build_corpus
+    from moelab.esft import ESFTConfig, choose_experts, expert_config_json, expert_scores
+    from moelab.peft_train import domain_corpus
+    cfg = ESFTConfig(score=args.score, top_p=args.top_p, n_sample_tokens=args.tokens, domain=args.domain)
+    model, meta = load_model(args.run)
+    tc = TrainConfig.from_dict(meta["train_config"])
+    corpus = domain_corpus(build_corpus(list(tc.data), val_fraction=tc.val_fraction,
+                                        split_version=tc.split_version), cfg.domain)
+    gen = torch.Generator().manual_seed(args.seed)
+    n = -(-cfg.n_sample_tokens // (tc.batch_size * tc.seq_len))
+    scores = expert_scores(model, [corpus.sample(tc.batch_size, tc.seq_len, gen) for _ in range(n)],
+                           cfg.n_sample_tokens)
+    chosen = choose_experts(scores, cfg)
+    t = Table(title=f"{args.run}: ESFT-{cfg.score} scores, p={cfg.top_p} ({', '.join(corpus.domains)})")
+    for col in ("layer", "chosen", "score of each expert (chosen in bold)"):
+        t.add_column(col)
+    for i, s in scores.items():
+        v = s.token_E if cfg.score == "token" else s.gate_E
+        t.add_row(str(i), str(chosen[i]), " ".join(f"[bold]{float(x):.3f}[/bold]" if e in chosen[i] else
+                                                   f"{float(x):.3f}" for e, x in enumerate(v)))
+    Console().print(t)
+    if args.out:
+        Path(args.out).write_text(json.dumps(expert_config_json(chosen, cfg, scores), indent=1))
+        print(f"wrote {args.out}")
     return 0

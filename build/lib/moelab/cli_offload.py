@@ -1,4 +1,5 @@
-"""`moelab offload simulate TRACE` and `moelab offload pregate TRACE`: the expert-cache simulator's CLI and plots."""
+"""`moelab offload simulate TRACE`, `moelab offload pregate TRACE` (the expert-cache simulator's CLI and plots) and
+`moelab offload generate RUN` (real offloaded generation: experts read from the checkpoint file on demand)."""
 from __future__ import annotations
 
 import argparse
@@ -56,11 +57,102 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--run", default=None, help="the run folder (default: the trace's meta['run'])")
     g.add_argument("--out", required=True, help="output .npz")
     g.set_defaults(func=cmd_pregate)
+    gen = osub.add_parser("generate", help="generate from a run with its experts offloaded (read from the "
+                          "checkpoint file on demand, at most N per layer in memory)",
+                          description="Sample bytes after --prompt from RUN's checkpoint with the routed experts left "
+                                      "in model.safetensors (memory-mapped) and at most --cache-experts of them "
+                                      "materialised per MoE layer; prints the text, and tokens/s, hit rate and "
+                                      "memory on stderr. Same tokens as the fully loaded model.")
+    gen.add_argument("run", nargs="?", help="run folder written by `moelab train` (or --hf DIR)")
+    gen.add_argument("--hf", metavar="DIR", help="a local transformers MoE model folder instead of a moelab run: its "
+                     "experts run through moelab's experts backend, read from DIR's safetensors")
+    gen.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
+    gen.add_argument("--ckpt", help="a checkpoint folder (default: the run's latest)")
+    gen.add_argument("--max-new-tokens", type=int, default=200, help="bytes to sample (default 200)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    gen.add_argument("--top-k", type=int, default=20, help="sample among the k most likely bytes (default 20)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_offload_flags(gen, always=True)
+    gen.set_defaults(func=cmd_generate)
+
+
+def add_offload_flags(p: argparse.ArgumentParser, always: bool = False) -> None:
+    """--cache-experts / --policy (and --offload unless `always`): what `moelab generate` adds to offload."""
+    if not always:
+        p.add_argument("--offload", action="store_true", help="keep the routed experts in the checkpoint file "
+                       "(memory-mapped) and at most --cache-experts per layer in memory")
+    p.add_argument("--cache-experts", default="2x",
+                   help="experts kept per MoE layer: N, a multiple of top-k (2x), or a byte budget for all layers "
+                        "(64MB, 1GiB); default 2x")
+    p.add_argument("--policy", default="lru",
+                   help="eviction: lru (default), lfu, fifo, least-stale; prefetch (= lru+pregate: the next layer's "
+                        "gate on this layer's input picks experts loaded ahead on a background thread), or "
+                        "EVICTION+pregate")
+
+
+def offloaded_model(args):
+    """(model, store) of args.run with its experts offloaded per --cache-experts / --policy."""
+    from moelab.offload_store import load_offloaded
+    return load_offloaded(args.run, getattr(args, "ckpt", None), capacity=args.cache_experts, policy=args.policy)
+
+
+def report_offload(store, n_tokens: int, seconds: float) -> str:
+    """One stderr line: tokens/s, hit rate, bytes fetched, experts materialised and anonymous memory."""
+    from moelab.offload_store import memory_now
+    s = store.stats.summary(store.expert_bytes)
+    mem = memory_now()
+    f = lambda v: "-" if v is None else f"{v:.3f}"
+    return (f"{n_tokens} tokens in {seconds:.2f} s ({n_tokens / max(seconds, 1e-9):.1f} tokens/s); expert cache "
+            f"{store.capacity}/layer ({store.prefetcher or 'no'} prefetch): hit rate {f(s['hit_rate'])} "
+            f"(decode {f(s['decode_hit_rate'])}), {s['fetched_bytes'] / 1e6:.1f} MB fetched, peak "
+            f"{s['peak_resident_experts']} of {store.E * store.L} experts materialised "
+            f"({s['peak_resident_bytes'] / 1e6:.1f} MB)"
+            + (f"; anonymous memory {mem['anonymous'] / 1e6:.0f} MB" if mem else ""))
+
+
+def cmd_generate(args) -> int:
+    import time
+
+    import torch
+
+    from moelab.hf_tokenizer import load_tokenizer, prompt_ids
+    from moelab.model import generate
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads={args.threads} is invalid: allowed an integer >= 1")
+        torch.set_num_threads(args.threads)
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens={args.max_new_tokens} is invalid: allowed an integer >= 0")
+    if (args.run is None) == (args.hf is None):
+        raise ValueError("give a run folder or --hf DIR (one of them)")
+    if args.hf:
+        from moelab.hf_offload import generate_hf_offloaded
+        text, n, dt, store = generate_hf_offloaded(args.hf, args.prompt, capacity=args.cache_experts,
+                                                   policy=args.policy, max_new_tokens=args.max_new_tokens,
+                                                   temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+        print(args.prompt + text)
+        print(report_offload(store, n, dt), file=sys.stderr)
+        return 0
+    model, store = offloaded_model(args)
+    tok = load_tokenizer(model.cfg.tokenizer, args.run)
+    ids = prompt_ids(tok, args.prompt)
+    t0 = time.perf_counter()
+    try:
+        out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, generator=torch.Generator().manual_seed(args.seed),
+                       suppress_ids=tok.never_sampled(model.cfg.vocab_size))
+    finally:
+        store.close()
+    dt = time.perf_counter() - t0
+    print(args.prompt + tok.decode(out.tolist()))
+    print(report_offload(store, out.numel(), dt), file=sys.stderr)
+    return 0
 
 
 def cmd_pregate(args) -> int:
-    from moelab.trace import load_trace
     from moelab.checkpoint import load_model
+    from moelab.trace import load_trace
     tr = load_trace(args.trace)
     run = args.run or tr.meta.get("run")
     if not run:

@@ -159,6 +159,13 @@ class ModelConfig:
     rope_theta: float = 10000.0    # RoPE base
     norm_eps: float = 1e-5         # RMSNorm epsilon
     tie_embeddings: bool = True    # output projection shares the token embedding
+    n_kv_heads: int | None = None  # key/value heads, shared by n_heads / n_kv_heads query heads (GQA); None = n_heads
+    head_dim: int | None = None    # width of one attention head; None = d_model / n_heads
+    qk_norm: bool = False          # RMSNorm over each head's query and key before RoPE (Qwen3, GLM4-MoE)
+    rope_fraction: float = 1.0     # share of each head's dims RoPE rotates (the first ones; GLM4-MoE: 0.5)
+    qkv_bias: bool = False         # biases on the query, key and value projections (Qwen2, GLM4-MoE)
+    sliding_window: int | None = None  # a token attends to itself and the window-1 before it; None = all
+    tokenizer: str = "bytes"       # ids: "bytes" (UTF-8 bytes + PAD/BOS/EOS) or a transformers tokenizer folder (relative to the run)
 
     def __post_init__(self) -> None:
         for f in ("d_model", "n_layers", "n_heads", "d_dense", "max_seq_len", "moe_every"):
@@ -166,10 +173,39 @@ class ModelConfig:
                   "an integer >= 1")
         _need_model(isinstance(self.first_dense, int) and 0 <= self.first_dense <= self.n_layers, "first_dense",
               self.first_dense, f"0..n_layers={self.n_layers}")
-        _need_model(self.d_model % self.n_heads == 0 and (self.d_model // self.n_heads) % 2 == 0, "n_heads",
-              self.n_heads, f"a divisor of d_model={self.d_model} leaving an even head dim")
+        if self.head_dim is None:
+            _need_model(self.d_model % self.n_heads == 0 and (self.d_model // self.n_heads) % 2 == 0, "n_heads",
+                        self.n_heads, f"a divisor of d_model={self.d_model} leaving an even head dim")
+        else:
+            _need_model(isinstance(self.head_dim, int) and self.head_dim >= 2 and self.head_dim % 2 == 0,
+                        "head_dim", self.head_dim, "None or an even integer >= 2")
+        _need_model(self.n_kv_heads is None or (isinstance(self.n_kv_heads, int) and self.n_kv_heads >= 1
+                                                and self.n_heads % self.n_kv_heads == 0),
+                    "n_kv_heads", self.n_kv_heads, f"None or a divisor of n_heads={self.n_heads}")
+        rot = int(self.d_head * self.rope_fraction)
+        _need_model(0 < self.rope_fraction <= 1 and rot >= 2 and rot % 2 == 0, "rope_fraction", self.rope_fraction,
+                    f"0 < rope_fraction <= 1 with int(head dim {self.d_head} * rope_fraction) even and >= 2")
+        _need_model(isinstance(self.tokenizer, str) and self.tokenizer != "", "tokenizer", self.tokenizer,
+                    "'bytes' or a transformers tokenizer folder")
+        _need_model(self.sliding_window is None or (isinstance(self.sliding_window, int) and self.sliding_window >= 1),
+                    "sliding_window", self.sliding_window, "None or an integer >= 1")
         _need_model(self.vocab_size >= VOCAB_SIZE, "vocab_size", self.vocab_size, f">= {VOCAB_SIZE}")
         _need_model(self.moe.d_model == self.d_model, "moe.d_model", self.moe.d_model, f"d_model={self.d_model}")
+
+    @property
+    def d_head(self) -> int:
+        """Width of one attention head (head_dim, or d_model / n_heads)."""
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (n_kv_heads, or n_heads)."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def d_rope(self) -> int:
+        """Dims of each head that RoPE rotates."""
+        return int(self.d_head * self.rope_fraction)
 
     def is_moe(self, layer: int) -> bool:
         """Layer `layer` (0-based) has an MoE FFN."""

@@ -328,8 +328,12 @@ def format_report(report: DataReport) -> str:
 
 # ---------------------------------------------------------------- id streams, sampling, the split
 
-def _stream(docs: list[Document]) -> Tensor:
-    """Documents concatenated, each followed by EOS -> 1-D int16 ids."""
+def _stream(docs: list[Document], tokenizer=None) -> Tensor:
+    """Documents concatenated, each followed by EOS -> 1-D int16 byte ids; with a transformers `tokenizer`
+    (moelab.hf_tokenizer), its int32 ids of each document's text."""
+    if tokenizer is not None:
+        from moelab.hf_tokenizer import encode_documents
+        return encode_documents([document_text(d.data) for d in docs], tokenizer)
     parts = []
     for d in docs:
         parts.append(torch.frombuffer(bytearray(d.data), dtype=torch.uint8).to(torch.int16))
@@ -347,6 +351,7 @@ class Corpus:
     files: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)  # domain ->
     #                                 (train, validation) Document.path of each file, for messages
     report: DataReport | None = None  # what loading kept and skipped (format_report prints it)
+    byte_len_V: Tensor | None = None  # UTF-8 bytes each id stands for (a transformers tokenizer); None: byte ids
 
     def check(self, seq_len: int) -> None:
         """Raise ValueError (one line) when a domain's training or validation stream holds fewer than
@@ -399,8 +404,9 @@ class Corpus:
     def unigram_loss(self, domain: str) -> float:
         """Cross-entropy (nats/token) of the domain's validation ids under its training unigram
         distribution with add-one smoothing over the 256 bytes + EOS: the baseline to beat."""
-        tr = torch.bincount(self.train[domain].long(), minlength=EOS_ID + 1).double() + 1.0
-        va = torch.bincount(self.val[domain].long(), minlength=EOS_ID + 1).double()
+        V = max([EOS_ID] + [int(s.max()) for s in (self.train[domain], self.val[domain]) if s.numel()]) + 1
+        tr = torch.bincount(self.train[domain].long(), minlength=V).double() + 1.0
+        va = torch.bincount(self.val[domain].long(), minlength=V).double()
         logp = (tr / tr.sum()).log()
         return float(-(va * logp).sum() / va.sum().clamp_min(1.0))
 
@@ -438,9 +444,10 @@ def split_documents(docs: list[Document], val_fraction: float, split_version: in
 
 
 def build_corpus(paths: list[str] | None = None, *, val_fraction: float = 0.1,
-                 split_version: int = DEFAULT_SPLIT_VERSION) -> Corpus:
+                 split_version: int = DEFAULT_SPLIT_VERSION, tokenizer=None, vocab_size: int = 0) -> Corpus:
     """`paths` None or ["builtin"]: the Python-shipped corpus; else the user's files and folders, loaded and
-    split by the rule `split_version` (a run records it: 1 for runs made before rule 2 existed)."""
+    split by the rule `split_version` (a run records it: 1 for runs made before rule 2 existed). `tokenizer`:
+    a transformers tokenizer (moelab.hf_tokenizer) for a run with a BPE vocabulary of `vocab_size` ids."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} is invalid: allowed 0 < val_fraction < 1")
     loaded = load_documents(paths, split_version=split_version)
@@ -451,7 +458,8 @@ def build_corpus(paths: list[str] | None = None, *, val_fraction: float = 0.1,
     train, val, n_files, files = {}, {}, {}, {}
     for dom in domains:
         tr, va = split_documents([d for d in docs if d.domain == dom], val_fraction, split_version)
-        train[dom], val[dom] = _stream(tr), _stream(va)
+        train[dom], val[dom] = _stream(tr, tokenizer), _stream(va, tokenizer)
         n_files[dom] = (len(tr), len(va))
         files[dom] = (tuple(d.path for d in tr), tuple(d.path for d in va))
-    return Corpus(domains, train, val, n_files, files, loaded.report)
+    byte_len_V = None if tokenizer is None else tokenizer.byte_lengths(vocab_size)
+    return Corpus(domains, train, val, n_files, files, loaded.report, byte_len_V)

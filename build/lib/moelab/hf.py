@@ -309,6 +309,30 @@ def trace_hf_path(path_or_name: str, data: list[str] | None = None, *, seq_len: 
                 break
             ids += tok(document_text(d.data), add_special_tokens=False)["input_ids"][: want]
         token_docs.append((dom, ids))
+    if not any(ids for _, ids in token_docs):
+        raise ValueError(f"--hf {path_or_name!r} has no tokenizer files (tokenizer.json / tokenizer_config.json): "
+                         f"every text maps to no tokens; add the model's tokenizer to the folder")
     doms, wins = windows(token_docs, seq_len, max_tokens)
     return trace_hf(model, wins, doms, batch_size=batch_size, logits=logits, decode=lambda t: tok.decode([t]),
                     meta={"model": str(path_or_name), "seq_len": seq_len})
+
+
+# ---- moelab inside transformers models: the experts backend (hf_backend.py) and balancing (hf_balance.py) ----
+
+def register() -> str:
+    """Register experts_implementation="moelab" with transformers (explicit, idempotent); returns the name."""
+    from moelab.hf_backend import register as register_backend
+    return register_backend()
+
+
+def attach(model: nn.Module, balance: str = "loss_free", *, rate: float = 1e-3, aux_coef: float = 1e-2,
+           add_to_loss: bool = False, bias_from: str | None = None):
+    """Hook every MoE block of a transformers model for moelab's BalanceStats and balancing (loss_free | global |
+    aux | none); returns the moelab.hf_balance.HFBalance (losses(), loss(), step(), take_stats(), callback(),
+    detach()). Registers experts_implementation="moelab" too. Reads a saved loss-free bias sidecar back from
+    `bias_from` or the model's own folder."""
+    from moelab.hf_balance import HFBalance, HFBalanceConfig
+    register()
+    blocks = moe_blocks(model)
+    return HFBalance(model, blocks, [n_experts_of(b) for b in blocks],
+                     HFBalanceConfig(balance, rate, aux_coef, add_to_loss), bias_from)

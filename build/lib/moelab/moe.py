@@ -1,7 +1,7 @@
 """MoELayer: the one place that reads MoEConfig and wires router -> special experts -> routed experts ->
 shared experts -> balance losses and metrics.
 
-T=tokens (all leading dims flattened), D=d_model, E=routed experts, N=router outputs (E + special), K=slots.
+T=tokens (all leading dims flattened), D=d_model, E=routed experts, A=all router outputs (E + special), K=slots.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from moelab import balance, special_experts
 from moelab.balance import BalanceStats
 from moelab.config import MoEConfig
 from moelab.experts import MLP, Experts, ExpertsPath, RoutedExperts
-from moelab.router_state import router_states
+from moelab.router_state import router_states, step_all
 from moelab.routers import ROUTERS, RouteContext, Routing, apply_capacity, capacity, mask_routing
 
 
@@ -56,25 +56,24 @@ class MoELayer(nn.Module):
         self.routing_override: Callable[[Routing], Routing] | None = None
 
     def route(self, x_TD: Tensor, valid_T: Tensor | None, token_ids_T: Tensor | None,
-              prev_logits_TN: Tensor | None = None) -> Routing:
-        """Router in fp32 whatever the model dtype, over all N outputs; padding tokens go nowhere."""
-        cfg = self.cfg
+              prev_logits_TA: Tensor | None = None) -> Routing:
+        """Router in fp32 whatever the model dtype, over all A outputs; padding tokens go nowhere."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):  # fp32 under bf16 autocast too
-            return self._route_fp32(x_TD.float(), valid_T, token_ids_T, prev_logits_TN)
+            return self._route_fp32(x_TD.float(), valid_T, token_ids_T, prev_logits_TA)
 
     def _route_fp32(self, x_r: Tensor, valid_T: Tensor | None, token_ids_T: Tensor | None,
-                    prev_logits_TN: Tensor | None) -> Routing:
+                    prev_logits_TA: Tensor | None) -> Routing:
         cfg = self.cfg
         if self.training and cfg.jitter_eps > 0:  # Switch Transformer input jitter
             x_r = x_r * torch.empty_like(x_r).uniform_(1 - cfg.jitter_eps, 1 + cfg.jitter_eps)
-        logits_TN = F.linear(x_r, self.gate.weight.float())
-        if self.prev_gate is not None and prev_logits_TN is not None:  # MoE++ gating residual
-            logits_TN = logits_TN + F.linear(prev_logits_TN.reshape(logits_TN.shape).float(),
+        logits_TA = F.linear(x_r, self.gate.weight.float())
+        if self.prev_gate is not None and prev_logits_TA is not None:  # MoE++ gating residual
+            logits_TA = logits_TA + F.linear(prev_logits_TA.reshape(logits_TA.shape).float(),
                                              self.prev_gate.weight.float())
         biases = [b for b in (s.bias() for s in self.state.values()) if b is not None]
         ctx = RouteContext(bias_E=biases[0] if biases else None, token_ids_T=token_ids_T, training=self.training,
                            valid_T=valid_T)
-        routing = ROUTERS[cfg.router](logits_TN, cfg, ctx)
+        routing = ROUTERS[cfg.router](logits_TA, cfg, ctx)
         if self.routing_override is not None:  # replay a recorded trace instead of the router
             routing = self.routing_override(routing)
         return mask_routing(routing, valid_T)
@@ -86,10 +85,11 @@ class MoELayer(nn.Module):
         `routing.logits_TE`, for the MoE++ gating residual (None for the first layer)."""
         cfg = self.cfg
         x_TD, valid_T, token_ids_T = self._flatten(x, valid, token_ids)
-        full = self.route(x_TD, valid_T, token_ids_T, prev_logits)  # all N outputs, before capacity
+        full = self.route(x_TD, valid_T, token_ids_T, prev_logits)  # all A outputs, before capacity
         y_TD, routing = None, full
         if self.special is not None:  # null/zero/copy/const experts: computed here, their slots -> -1
             y_TD, routing, _ = self.special(x_TD, full)
+        chosen = routing  # the router's choice before capacity drops: what every balance loss and counter sees
         wanted_E, n_dropped = None, torch.zeros((), dtype=torch.long, device=x.device)
         if cfg.capacity_factor is not None:  # losses and counters see the wanted slots, stats the kept ones
             wanted_E = balance.expert_counts(expert_idx_TK=routing.expert_idx_TK, n_experts=cfg.n_experts)
@@ -101,7 +101,7 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         counts_E = routed.counts_E.float() if wanted_E is None else wanted_E
-        losses = self.losses(full, routing, valid_T, x.shape[:-1], counts_E)
+        losses = self.losses(full, chosen, valid_T, x.shape[:-1], counts_E)
         weights = {**self.loss_weights, **{k: w for s in self.state.values() for k, w in s.loss_weights().items()}}
         aux = sum((weights[name] * v for name, v in losses.items()), torch.zeros((), device=x.device))
         router_stats = special_experts.router_stats(cfg=cfg, full=full, valid_T=valid_T)
@@ -127,7 +127,8 @@ class MoELayer(nn.Module):
         out: dict[str, Tensor] = {}
         if "global" in self.state and self.training and torch.is_grad_enabled():
             counts_E = self.state["global"].counts(counts_E)  # summed over micro-batches (and ranks)
-        over_all_outputs = cfg.n_special and cfg.balance == "aux"  # special_experts.router_losses owns "aux"
+        # special_experts.router_losses owns "aux" with special experts; ReMoE's balanced L1 replaces it for relu
+        over_all_outputs = (cfg.n_special or cfg.router == "relu") and cfg.balance == "aux"
         if cfg.balance in ("aux", "global") and cfg.aux_loss_coef > 0 and not over_all_outputs:
             out["aux"] = balance.switch_aux_loss(probs_TE=routing.probs_TE, expert_idx_TK=routing.expert_idx_TK,
                                                  n_experts=cfg.n_experts, valid_T=valid_T, counts_E=counts_E)
@@ -162,5 +163,4 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
 
 def step_routers(model: nn.Module, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
     """Call after each optimizer step: steps every MoE layer's router state (MoELayer.step)."""
-    for m in moe_layers(model):
-        m.step(reduce)
+    step_all([m.state for m in moe_layers(model)], reduce)  # ReMoE: one lambda from all layers' sparsity

@@ -1,12 +1,17 @@
 """Expert parallelism on torch.distributed: placement map, all-to-all dispatch/combine, grad sync, balancing.
 
-T=local tokens, K=slots per token, D=d_model, E=routed experts (global), W=ranks, L=experts on this rank,
-R=dispatched rows: sent (local kept slots sorted by destination rank, expert) or received after the all-to-all.
+T=local tokens, K=slots per token, D=d_model, E=routed experts (global, logical), W=ranks, L=expert slots on this
+rank, P=occupied physical slots (all ranks; = E without replicas), R=dispatched rows: sent (local kept slots
+sorted by destination slot) or received after the all-to-all.
 
 One process per rank; every rank holds the router and all non-expert weights (data parallel) and only
 its own experts' weights. `EPDispatcher` has the `LocalDispatcher` interface, so `MoELayer` does not
 know it is distributed: dispatch = local sort -> all_to_all(counts) -> all_to_all(rows, uneven splits)
 -> regroup by local expert; combine = the reverse. Backward runs the mirrored all-to-alls.
+With a replicated `Placement` (placement.py: phy2log) a rank's local experts are its physical slots in slot order;
+each row goes to the copy `placement_metrics.replica_slot` picks (the one on the sending rank if any, else spread
+evenly: the rule the placement simulator scores), and `sync_grads` sums the copies' gradients over the EP group,
+so every copy stays equal to the single-copy expert.
 Every collective runs under the process group's timeout (`init_distributed(timeout_s=...)`).
 """
 from __future__ import annotations
@@ -14,16 +19,18 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from moelab.dispatch import DispatchPlan, permute, sort_plan, unpermute
 from moelab.moe import MoELayer, moe_layers, step_routers
+from moelab.placement import Placement
+from moelab.placement_metrics import replica_slot, replica_table
 
 BACKENDS = ("gloo", "nccl")
 
@@ -53,69 +60,6 @@ def current_world(group) -> tuple[int, int]:
         raise ValueError("expert parallelism needs torch.distributed initialised: call "
                          "moelab.parallel.init_distributed(...) (or run under torchrun) first")
     return dist.get_rank(group), dist.get_world_size(group)
-
-
-# ----------------------------------------------------------------------------- placement
-@dataclass(frozen=True)
-class Placement:
-    """Which rank holds each routed expert of one layer. Any map is allowed, including uneven counts."""
-    rank_E: tuple[int, ...]     # rank_E[e] = rank that holds expert e (length = n_experts)
-    world_size: int             # W, number of expert-parallel ranks
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.world_size, int) or self.world_size < 1:
-            raise ValueError(f"Placement.world_size={self.world_size!r} is invalid: allowed an integer >= 1")
-        bad = [(e, r) for e, r in enumerate(self.rank_E) if not isinstance(r, int) or not 0 <= r < self.world_size]
-        if bad:
-            raise ValueError(f"Placement.rank_E has ranks outside 0..{self.world_size - 1}: (expert, rank) {bad}")
-        if not self.rank_E:
-            raise ValueError("Placement.rank_E is empty: allowed one rank per expert")
-
-    @classmethod
-    def contiguous(cls, n_experts: int, world_size: int) -> Placement:
-        """Default: experts split into W contiguous blocks (E/W each; the first E % W ranks get one more)."""
-        if world_size < 1 or n_experts < 1:
-            raise ValueError(f"contiguous placement needs n_experts >= 1 and world_size >= 1, "
-                             f"got {n_experts}, {world_size}")
-        base, extra = divmod(n_experts, world_size)
-        ranks: list[int] = []
-        for r in range(world_size):
-            ranks += [r] * (base + (r < extra))
-        return cls(tuple(ranks), world_size)
-
-    @classmethod
-    def from_map(cls, mapping, *, n_experts: int, world_size: int) -> Placement:
-        """From a sequence (rank per expert) or a dict {expert: rank}; every expert must be placed."""
-        if isinstance(mapping, Placement):
-            mapping = mapping.rank_E
-        if isinstance(mapping, dict):
-            missing = sorted(set(range(n_experts)) - set(mapping))
-            extra = sorted(set(mapping) - set(range(n_experts)))
-            if missing or extra:
-                raise ValueError(f"placement misses experts {missing} / has unknown experts {extra}: "
-                                 f"allowed exactly the experts 0..{n_experts - 1}")
-            mapping = [mapping[e] for e in range(n_experts)]
-        ranks = tuple(int(r) for r in mapping)
-        if len(ranks) != n_experts:
-            raise ValueError(f"placement has {len(ranks)} entries but the layer has n_experts={n_experts}: "
-                             f"every expert needs exactly one rank")
-        return cls(ranks, world_size)
-
-    @property
-    def n_experts(self) -> int:
-        return len(self.rank_E)
-
-    def experts_of(self, rank: int) -> tuple[int, ...]:
-        """Global ids of the experts on `rank`, ascending (their order in the local weights)."""
-        return tuple(e for e, r in enumerate(self.rank_E) if r == rank)
-
-    def n_local(self) -> list[int]:
-        """Experts per rank, L_r."""
-        return [len(self.experts_of(r)) for r in range(self.world_size)]
-
-    def order(self) -> list[int]:
-        """Global expert ids in send order: rank 0's experts, then rank 1's, ..."""
-        return [e for r in range(self.world_size) for e in self.experts_of(r)]
 
 
 # ----------------------------------------------------------------------------- all-to-all
@@ -183,20 +127,40 @@ class EPDispatcher:
             raise ValueError(f"placement is for world_size={placement.world_size} but the process group has "
                              f"{world} ranks: build the Placement with world_size={world}")
         self.n_experts, self.placement, self.group, self.rank, self.world = n_experts, placement, group, rank, world
-        self.local_experts = placement.experts_of(rank)
+        self.local_experts = placement.experts_of(rank)  # logical expert of each local slot (= local weight row)
         self.n_local_W = placement.n_local()
-        pos = torch.empty(n_experts, dtype=torch.long)
-        pos[torch.tensor(placement.order())] = torch.arange(n_experts)
-        self.pos_E = pos                       # global expert id -> position in send order
+        order = placement.order()              # logical expert of each occupied slot, in send order
+        self.log_P = torch.tensor(order, dtype=torch.long)
+        if placement.replicated:
+            self.pos_E = None
+            self._table = replica_table(placement)
+            phy = np.array(placement.phy2log)
+            self._pos_phy = np.full(len(phy), -1, dtype=np.int64)  # physical slot -> position in send order
+            self._pos_phy[phy >= 0] = np.arange(len(order))
+        else:
+            pos = torch.empty(n_experts, dtype=torch.long)
+            pos[torch.tensor(order)] = torch.arange(n_experts)
+            self.pos_E = pos                   # global expert id -> position in send order
         self.last_comm = ZERO_COMM             # traffic of the latest forward
         self.step_comm = ZERO_COMM             # summed over grad-enabled forwards since take_comm()
+        self.step_load_E = torch.zeros(n_experts, dtype=torch.float64)  # this rank's rows per expert, same span
+
+    def send_positions(self, expert_idx_TK: Tensor) -> Tensor:
+        """Position in send order (occupied slot, rank-major) of each token slot, -1 = no expert."""
+        if self.pos_E is not None:
+            pos_E = self.pos_E.to(expert_idx_TK.device)
+            return torch.where(expert_idx_TK >= 0, pos_E[expert_idx_TK.clamp_min(0)], -1)
+        idx_NK = expert_idx_TK.cpu().numpy()
+        T = idx_NK.shape[0]
+        slot_NK = replica_slot(self.placement, idx_NK, np.full(T, self.rank), np.arange(T), self._table)
+        pos_NK = np.where(slot_NK >= 0, self._pos_phy[np.maximum(slot_NK, 0)], -1)
+        return torch.from_numpy(pos_NK).to(expert_idx_TK.device)
 
     def dispatch(self, x_TD: Tensor, expert_idx_TK: Tensor, weight_TK: Tensor,
                  pads=None) -> tuple[Tensor, Tensor, EPPlan]:
         """`pads` is ignored: received rows are not padded here (the experts path pads them if it pays)."""
-        pos_E = self.pos_E.to(expert_idx_TK.device)
-        pos_TK = torch.where(expert_idx_TK >= 0, pos_E[expert_idx_TK.clamp_min(0)], -1)
-        local = sort_plan(pos_TK, weight_TK, self.n_experts)  # rows grouped by (rank, expert)
+        pos_TK = self.send_positions(expert_idx_TK)
+        local = sort_plan(pos_TK, weight_TK, len(self.log_P))  # rows grouped by (rank, slot)
         L, W = len(self.local_experts), self.world
         recv_counts = local.counts_E.new_empty(W * L)
         dist.all_to_all_single(recv_counts, local.counts_E.contiguous(), [L] * W, self.n_local_W, group=self.group)
@@ -208,7 +172,10 @@ class EPDispatcher:
         order_R = torch.argsort(expert_R, stable=True)  # (source rank, expert) -> (expert, source rank)
         self._account(send_W, recv_W, x_TD)
         x_RD = x_RD.index_select(0, order_R)
-        tokens_E = local.tokens_E.index_select(0, pos_E)
+        tokens_E = local.tokens_E.new_zeros(self.n_experts).index_add_(0, self.log_P.to(pos_TK.device),
+                                                                      local.tokens_E)
+        if torch.is_grad_enabled():  # training forwards: the loads an online rebalancer reads
+            self.step_load_E += tokens_E.cpu()
         return x_RD, recv_counts_WL.sum(0), EPPlan(local, order_R, send_W, recv_W, x_RD, tokens_E)
 
     def combine(self, y_RD: Tensor, plan: EPPlan) -> Tensor:
@@ -226,7 +193,7 @@ class EPDispatcher:
         me = self.rank
         rows_out, rows_in = sum(send_W) - send_W[me], sum(recv_W) - recv_W[me]
         row_bytes = x_TD.shape[1] * x_TD.element_size()
-        count_bytes = 8 * (self.n_experts - self.n_local_W[me])  # int64 counts to the other ranks
+        count_bytes = 8 * (len(self.log_P) - self.n_local_W[me])  # int64 counts to the other ranks
         count_in = 8 * len(self.local_experts) * (self.world - 1)
         self.last_comm = CommStats(rows_out, rows_in, count_bytes + (rows_out + rows_in) * row_bytes,
                                    count_in + (rows_in + rows_out) * row_bytes)
@@ -238,18 +205,52 @@ class EPDispatcher:
         out, self.step_comm = self.step_comm, ZERO_COMM
         return out
 
+    def take_load(self) -> Tensor:
+        """(E,) rows this rank sent to each logical expert in training forwards since the last call, then reset."""
+        out, self.step_load_E = self.step_load_E, torch.zeros_like(self.step_load_E)
+        return out
+
+    def copy_weight(self) -> Tensor:
+        """(L,) 1 / copies of each local slot's expert: sums over all slots of all ranks count each expert once."""
+        cnt = self.placement.logcnt
+        return torch.tensor([1.0 / cnt[e] for e in self.local_experts], dtype=torch.float64)
+
+    def sum_copy_grads(self, params: list[nn.Parameter]) -> None:
+        """Sum the gradients of the copies of every replicated expert over the EP group (one bucketed all-reduce
+        over the replicated experts only) and give each copy the sum: the gradient the single copy would get,
+        so copies stay equal. A no-op without replicas. A collective over the group when replicated."""
+        cnt = self.placement.logcnt
+        rep = [e for e in range(self.n_experts) if cnt[e] > 1]
+        if not rep or not params:
+            return
+        row = {e: i for i, e in enumerate(rep)}
+        mine = [j for j, e in enumerate(self.local_experts) if e in row]
+        dev = params[0].device
+        j_idx = torch.tensor(mine, dtype=torch.long, device=dev)
+        r_idx = torch.tensor([row[self.local_experts[j]] for j in mine], dtype=torch.long, device=dev)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.new_zeros((len(rep),) + g.shape[1:]).index_add_(0, r_idx, g.index_select(0, j_idx))
+                          .reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.group)  # SUM over the ranks holding copies (others add zeros)
+        sizes = [len(rep) * int(np.prod(g.shape[1:])) for g in grads]
+        for p, g, b in zip(params, grads, torch.split(flat, sizes)):
+            p.grad = g.clone().index_copy_(0, j_idx, b.view((len(rep),) + g.shape[1:]).index_select(0, r_idx))
+
 
 # ----------------------------------------------------------------------------- model surgery
 def shard_moe_layer(layer: nn.Module, placement: Placement | Sequence[int] | dict | None = None,
                     group=None) -> nn.Module:
-    """Turn a full MoELayer into its EP version in place: keep only this rank's experts' weights (ascending
-    global id) and dispatch over all-to-all. The expert Parameters stay the same objects (their data is
-    sliced), so an optimizer built before sharding -- and before its first step -- still holds them."""
+    """Turn a full MoELayer into its EP version in place: keep only this rank's slots' weights (slot order:
+    ascending global id without replicas; each copy of a replicated expert holds its full weights) and dispatch
+    over all-to-all. The expert Parameters stay the same objects (their data is sliced), so an optimizer built
+    before sharding -- and before its first step -- still holds them."""
     E = layer.cfg.n_experts
     _, world = current_world(group)
-    placement = (Placement.contiguous(E, world) if placement is None
-                 else Placement.from_map(placement, n_experts=E, world_size=world))
-    dispatcher = EPDispatcher(E, placement, group)
+    if placement is None:
+        placement = Placement.contiguous(E, world)
+    elif not isinstance(placement, Placement):  # a Placement is kept as given (slot order, spare slots)
+        placement = Placement.from_map(placement, n_experts=E, world_size=world)
+    dispatcher = EPDispatcher(E, placement, group)  # checks its sizes
     weights = layer.experts.weights
     if weights.n_experts != E or is_sharded(layer):
         raise ValueError(f"layer.experts has {weights.n_experts} experts, expected the full n_experts={E} "
@@ -257,7 +258,33 @@ def shard_moe_layer(layer: nn.Module, placement: Placement | Sequence[int] | dic
     for p in weights.parameters():
         p.data = p.data[torch.tensor(dispatcher.local_experts, dtype=torch.long, device=p.device)].clone()
     layer.experts.dispatcher = dispatcher
+    # the map travels with the weights in checkpoints: a resumed run lays its slots out as they were saved
+    layer.experts.register_buffer("phy2log_P", torch.tensor(placement.phy2log, dtype=torch.long))
+    layer.experts.register_load_state_dict_pre_hook(_adopt_saved_placement)
     return layer
+
+
+def set_placement(experts: nn.Module, placement: Placement) -> None:
+    """Point a sharded RoutedExperts at `placement` (its weights already laid out for it): a new dispatcher that
+    keeps the old one's traffic and load counters, and the checkpointed phy2log buffer."""
+    d = experts.dispatcher
+    nd = EPDispatcher(d.n_experts, placement, d.group)
+    nd.last_comm, nd.step_comm, nd.step_load_E = d.last_comm, d.step_comm, d.step_load_E
+    experts.dispatcher = nd
+    experts.phy2log_P = torch.tensor(placement.phy2log, dtype=torch.long, device=experts.phy2log_P.device)
+
+
+def _adopt_saved_placement(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """load_state_dict pre-hook of a sharded RoutedExperts: a checkpoint written after the online rebalancer moved
+    experts holds another phy2log; lay the local slots out as saved (shapes only: the load then fills them)."""
+    saved, d = state_dict.get(prefix + "phy2log_P"), module.dispatcher
+    if saved is None or not isinstance(d, EPDispatcher) or saved.tolist() == list(d.placement.phy2log):
+        return
+    new = Placement.from_phy2log(saved.tolist(), n_experts=d.n_experts, world_size=d.world)
+    for p in module.weights.parameters():
+        p.data = p.data.new_empty((len(new.experts_of(d.rank)),) + tuple(p.shape[1:]))
+    module.phy2log_P = saved.clone()
+    set_placement(module, new)
 
 
 def shard_model(model: nn.Module, placements=None, group=None) -> nn.Module:
@@ -308,17 +335,40 @@ def sync_grads(model: nn.Module, group=None, replica_group=None) -> None:
     local batches (global loss = mean of the W rank losses, W = size of `group`): replicated params get the
     all-reduced mean; expert params already hold the sum over their EP group's losses (the all-to-all
     backward brought it), so they are summed over the copies of the same shard (`replica_group`, when
-    EP < W) and divided by W -- without the division they would be EP times too large."""
+    EP < W) and divided by W -- without the division they would be EP times too large. Copies of a replicated
+    expert inside one EP group are summed first (EPDispatcher.sum_copy_grads)."""
     _, world = current_world(group)
     experts = {id(p) for p in expert_parameters(model)}
     shared = [p for p in model.parameters() if p.requires_grad and id(p) not in experts]
     _sum_grads(shared, group)
+    for m in moe_layers(model):
+        if is_sharded(m):
+            m.experts.dispatcher.sum_copy_grads(list(m.experts.weights.parameters()))
     local = expert_parameters(model)
     if replica_group is not None and dist.get_world_size(replica_group) > 1:
         _sum_grads(local, replica_group)
     for p in shared + local:
         if p.grad is not None:
             p.grad /= world
+
+
+def expert_grad_sq(model: nn.Module) -> Tensor:
+    """Squared L2 norm of this rank's expert gradients with every replicated expert's copies weighted 1 / copies
+    (after sync_grads they are equal), so the sum over an EP group counts each logical expert once (float64)."""
+    total = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    for m in moe_layers(model):
+        if not is_sharded(m):
+            continue
+        d = m.experts.dispatcher
+        for p in m.experts.weights.parameters():
+            if p.grad is None:
+                continue
+            sq = p.grad.double().pow(2)
+            if d.placement.replicated:
+                total = total + (sq.reshape(p.shape[0], -1).sum(1) * d.copy_weight().to(total.device)).sum()
+            else:
+                total = total + sq.sum()
+    return total
 
 
 def _sum_grads(params: list[nn.Parameter], group) -> None:

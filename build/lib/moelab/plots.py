@@ -19,8 +19,12 @@ def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
     path = Path(run) / "metrics.jsonl"
     if not path.exists():
         raise ValueError(f"run {str(run)!r} has no metrics.jsonl: train it first (moelab train --out {run})")
-    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    return [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "val"]
+    from moelab.checkpoint import read_metrics
+    rows = read_metrics(path)  # a torn last line (a crash mid-write) is skipped
+    train = [r for r in rows if r.get("kind") == "train"]
+    if not train:
+        raise ValueError(f"{path} has no training steps yet: nothing to plot (train first, or wait for a step)")
+    return train, [r for r in rows if r.get("kind") == "val"]
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -51,8 +55,8 @@ def _moe_layer_ids(run: str | Path, n: int) -> list[int]:
     """Block indices of the MoE layers (from the run's config.json), else 0..n-1."""
     path = Path(run) / "config.json"
     if path.exists():
-        from moelab.config import ModelConfig
-        ids = ModelConfig.from_dict(json.loads(path.read_text())["model_config"]).moe_layer_ids
+        from moelab.checkpoint import model_config_from
+        ids = model_config_from(json.loads(path.read_text())["model_config"], path).moe_layer_ids
         if len(ids) == n:
             return ids
     return list(range(n))
@@ -130,8 +134,14 @@ def plot_run_specialization(summary: dict, path: Path) -> Path:
 def plot_run(run: str | Path) -> list[Path]:
     """All four figures into the run folder; returns their paths."""
     run = Path(run)
+    read_metrics(run)  # inputs checked before any figure is written: a bad file changes nothing
+    _moe_layer_ids(run, 0)
     summary_path = run / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    try:
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{summary_path} is not valid JSON ({e}): delete it to plot without the validation "
+                         f"figure") from None
     out = [plot_loss(run, run / "loss.png", summary.get("unigram_loss") if summary else None),
            plot_expert_load(run, run / "expert_load.png"),
            plot_max_vio(run, run / "max_vio.png")]

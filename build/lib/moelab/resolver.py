@@ -137,6 +137,8 @@ def resolve(preset: str | None = None, file: str | Path | None = None,
     from moelab.presets import get_preset
     data = read_file(file) if file is not None else {}
     if "model_config" in data:  # a run's own config.json: the full resolved config
+        from moelab.checkpoint import check_run_config
+        check_run_config(file)  # unknown or broken fields: one line naming the file and the field
         model = ModelConfig.from_dict(data["model_config"])
         train = TrainConfig.from_dict(data.get("train_config", {}))
     else:

@@ -58,8 +58,9 @@ class LossFreeBias(nn.Module):
 
 class ReluL1(nn.Module):
     """ReMoE (Wang et al. 2024, arXiv 2412.14711, sec. 3.3) adaptive L1 coefficient: once per optimizer step,
-    lambda *= rate^sign(target - sparsity), target = 1 - k/N, from the gate sparsity averaged over the step's
-    training forwards (and ranks). Deviation from the authors: one lambda per layer, not one for all layers."""
+    lambda *= rate^sign(target - sparsity), target = 1 - k/A, from the gate sparsity averaged over the step's
+    training forwards, ranks and -- through step_all -- all layers: every layer's copy holds the same global
+    lambda, as the authors' one config.moe_relu_l1_reg_coeff."""
 
     def __init__(self, init: float, target: float, rate: float):
         super().__init__()
@@ -120,6 +121,20 @@ class GlobalBatchCounts(nn.Module):
 
     def step(self, reduce: Reduce = None) -> None:
         self.discard()
+
+
+def step_all(states: list[nn.ModuleDict], reduce: Reduce = None) -> None:
+    """Step every layer's router state once (after the optimizer step). ReMoE's coefficients first pool their
+    observations over all layers, so each layer steps the same global lambda from the same mean sparsity."""
+    l1 = [s["relu_l1"] for s in states if "relu_l1" in s]
+    if len(l1) > 1:
+        with torch.no_grad():
+            pooled = torch.stack([m.seen for m in l1]).sum(0)
+            for m in l1:
+                m.seen.copy_(pooled)
+    for s in states:
+        for m in s.values():
+            m.step(reduce)
 
 
 def router_states(cfg: MoEConfig) -> nn.ModuleDict:

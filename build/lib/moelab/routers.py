@@ -78,28 +78,31 @@ def route_sigmoid_group(logits_TE: Tensor, cfg: MoEConfig, ctx: RouteContext) ->
 
 
 # ---- routers with a variable or fixed-by-rule number of experts per token ---------------------------
-# N = router outputs = E routed experts + null/zero/copy/const experts (moelab.special_experts).
-# Variable-count routers return K=N slots, -1 where a slot is unused.
+# A = all router outputs = E routed experts + null/zero/copy/const experts (moelab.special_experts).
+# Variable-count routers return K=A slots, -1 where a slot is unused.
 
-def _slots_from_mask(keep_TN: Tensor, w_TN: Tensor) -> tuple[Tensor, Tensor]:
-    """(T, N) keep mask + weights -> K=N slots: slot n holds expert n or -1, weight 0 where unused."""
-    ar_TN = torch.arange(keep_TN.shape[1], device=keep_TN.device).expand_as(keep_TN)
-    return torch.where(keep_TN, ar_TN, -1), torch.where(keep_TN, w_TN, 0.0)
+def _slots_from_mask(keep_TA: Tensor, w_TA: Tensor) -> tuple[Tensor, Tensor]:
+    """(T, A) keep mask + weights -> K=A slots: slot n holds expert n or -1, weight 0 where unused."""
+    ar_TA = torch.arange(keep_TA.shape[1], device=keep_TA.device).expand_as(keep_TA)
+    return torch.where(keep_TA, ar_TA, -1), torch.where(keep_TA, w_TA, 0.0)
 
 
 def route_expert_choice(logits_TE: Tensor, cfg: MoEConfig, ctx: RouteContext) -> Routing:
     """Expert choice (Zhou et al. 2022, arXiv 2202.09368) sec. 3: each expert takes its top-C tokens by
-    token-to-expert softmax score, C = ceil(T * ec_capacity_factor / E); a token gets 0..E experts.
+    token-to-expert softmax score, C = ceil(T * ec_capacity_factor / E) with T the real (non-padding) tokens;
+    a token gets 0..E experts.
     Not causal: a token's experts depend on the other tokens of the batch, so outside training it falls
     back to top-k (cfg.ec_eval="topk", the usual fix for autoregressive decoding)."""
     if not ctx.training and cfg.ec_eval == "topk":
         return route_topk(logits_TE, cfg, ctx)
-    T, N = logits_TE.shape
+    T, A = logits_TE.shape
     probs_TE = torch.softmax(logits_TE, dim=-1)
     choice_TE = _biased(probs_TE, ctx)
-    if ctx.valid_T is not None:  # padding is never chosen (and mask_routing clears it if C > real tokens)
+    n_real = T
+    if ctx.valid_T is not None:  # padding is never chosen and takes no capacity: C counts real tokens only
         choice_TE = choice_TE.masked_fill(~ctx.valid_T.reshape(-1, 1), float("-inf"))
-    C = min(T, math.ceil(T * cfg.ec_capacity_factor / N))
+        n_real = int(ctx.valid_T.sum())
+    C = min(n_real, math.ceil(n_real * cfg.ec_capacity_factor / A))
     keep_TE = torch.zeros_like(probs_TE, dtype=torch.bool)
     if C > 0:
         keep_TE.scatter_(0, torch.topk(choice_TE, C, dim=0).indices, True)
@@ -107,18 +110,31 @@ def route_expert_choice(logits_TE: Tensor, cfg: MoEConfig, ctx: RouteContext) ->
     return Routing(idx_TK, w_TK * cfg.routed_scaling_factor, logits_TE, probs_TE)
 
 
+def route_adamoe(logits_TE: Tensor, cfg: MoEConfig, ctx: RouteContext) -> Routing:
+    """AdaMoE (Zeng et al. 2024, arXiv 2406.13233) sec. 3, as in the authors' released code: softmax over the
+    E true + n_null null outputs, top-k, then the chosen true experts' weights renormalised over the true experts
+    selected (nulls take no weight mass; a token with only nulls keeps weight 0). Ignores renormalize/score_order."""
+    probs_TA = torch.softmax(logits_TE, dim=-1)
+    idx_TK = torch.topk(_biased(probs_TA, ctx), cfg.top_k, dim=-1).indices
+    w_TK = probs_TA.gather(1, idx_TK)
+    true_TK = idx_TK < cfg.n_experts
+    mass_T1 = (w_TK * true_TK).sum(-1, keepdim=True)
+    w_TK = torch.where(true_TK, w_TK / torch.where(mass_T1 > 0, mass_T1, torch.ones_like(mass_T1)), w_TK)
+    return Routing(idx_TK, w_TK * cfg.routed_scaling_factor, logits_TE, probs_TA)
+
+
 def route_top_p(logits_TE: Tensor, cfg: MoEConfig, ctx: RouteContext) -> Routing:
     """Top-p dynamic routing (Huang et al. 2024, "Harder Tasks Need More Experts", arXiv 2403.07652) sec. 3:
     experts sorted by probability, keep the smallest prefix whose cumulative probability >= top_p;
     weights are the probabilities, not renormalised. The entropy loss is in special_experts.router_losses."""
     probs_TE = torch.softmax(logits_TE, dim=-1)
-    order_TN = torch.argsort(_biased(probs_TE, ctx), dim=-1, descending=True, stable=True)
-    p_sorted_TN = probs_TE.gather(1, order_TN)
-    before_TN = p_sorted_TN.detach().cumsum(-1) - p_sorted_TN.detach()  # mass strictly before each expert
-    keep_TN = before_TN < cfg.top_p
-    keep_TN[:, 0] = True
-    idx_TK = torch.where(keep_TN, order_TN, -1)
-    w_TK = torch.where(keep_TN, p_sorted_TN, 0.0)
+    order_TA = torch.argsort(_biased(probs_TE, ctx), dim=-1, descending=True, stable=True)
+    p_sorted_TA = probs_TE.gather(1, order_TA)
+    before_TA = p_sorted_TA.detach().cumsum(-1) - p_sorted_TA.detach()  # mass strictly before each expert
+    keep_TA = before_TA < cfg.top_p
+    keep_TA[:, 0] = True
+    idx_TK = torch.where(keep_TA, order_TA, -1)
+    w_TK = torch.where(keep_TA, p_sorted_TA, 0.0)
     return Routing(idx_TK, w_TK * cfg.routed_scaling_factor, logits_TE, probs_TE)
 
 
@@ -160,13 +176,13 @@ def route_random(logits_TE: Tensor, cfg: MoEConfig, ctx: RouteContext) -> Routin
     """Random routing, the control of Roller et al. 2021 / Zuo et al. 2022 (THOR): top_k distinct experts from
     a fixed-seed hash of (flat token position, token id if given, expert), weights 1/k. Same inputs and
     seed -> same routing; independent of x and of the global RNG."""
-    T, N = logits_TE.shape
+    T, A = logits_TE.shape
     key_T = fixed_hash(torch.arange(T, device=logits_TE.device), cfg.router_seed)
     if ctx.token_ids_T is not None:
         key_T = fixed_hash(key_T ^ fixed_hash(ctx.token_ids_T.reshape(-1).to(key_T.device), cfg.router_seed + 1),
                            cfg.router_seed)
-    score_TN = fixed_hash(key_T[:, None] * N + torch.arange(N, device=key_T.device), cfg.router_seed)
-    idx_TK = torch.topk(score_TN, cfg.top_k, dim=-1).indices
+    score_TA = fixed_hash(key_T[:, None] * A + torch.arange(A, device=key_T.device), cfg.router_seed)
+    idx_TK = torch.topk(score_TA, cfg.top_k, dim=-1).indices
     w_TK = torch.full(idx_TK.shape, cfg.routed_scaling_factor / cfg.top_k, dtype=logits_TE.dtype,
                       device=logits_TE.device)
     return Routing(idx_TK, w_TK, logits_TE, torch.softmax(logits_TE, dim=-1))
@@ -210,7 +226,7 @@ ROUTERS: dict[str, RouterFn] = {
     "hash": route_hash,
     "random": route_random,
     "base": route_base,
-    "adamoe": route_topk,   # AdaMoE (arXiv 2406.13233): top-k over E true + n_null null experts
+    "adamoe": route_adamoe,  # AdaMoE (arXiv 2406.13233): top-k over E true + n_null null experts
     "moepp": route_topk,    # MoE++ (arXiv 2410.07348): top-k over E FFN + zero/copy/const experts
 }
 if tuple(ROUTERS) != ROUTER_NAMES:  # config validates names without importing this module
@@ -228,7 +244,8 @@ def mask_routing(r: Routing, valid_T: Tensor | None) -> Routing:
 
 
 def capacity(capacity_factor: float, n_tokens: int, top_k: int, n_experts: int) -> int:
-    """GShard/Switch expert capacity: ceil(cf * T * K / E)."""
+    """GShard/Switch expert capacity: ceil(cf * T * K / E). The balance losses and the loss-free counter count the
+    router's choice before these drops (as GShard/Switch compute f before the capacity mask)."""
     return math.ceil(capacity_factor * n_tokens * top_k / n_experts)
 
 

@@ -251,6 +251,10 @@ def replay_moelab(model: nn.Module, trace: Trace, weights: str = "recorded") -> 
         raise ValueError(f"trace has {trace.n_layers} MoE layers, the model has {len(layers)}")
     if weights == "router":  # fail before any forward, not inside the first one
         _require_differentiable({m.cfg.router for m in layers})
+    n_routes = layers[0].cfg.n_experts + layers[0].cfg.n_special
+    if trace.n_experts > n_routes:
+        raise ValueError(f"trace field n_experts={trace.n_experts} does not fit the model: allowed a trace of a "
+                         f"model with {n_routes} router outputs (E={layers[0].cfg.n_experts})")
     curs = cursors(trace)
 
     def override(cursor: RoutingCursor, name: str, cfg):
@@ -293,6 +297,9 @@ def windows(docs: list[tuple[str, list[int]]], seq_len: int, max_tokens: int) ->
     while len(out) < budget and any(r < len(p) for p in per_doc):
         out += [p[r] for p in per_doc if r < len(p)][: budget - len(out)]
         r += 1
+    if docs and not any(len(ids) for _, ids in docs):
+        raise ValueError("the tokenizer turned every document into no tokens: the model folder has no tokenizer "
+                         "files (tokenizer.json / tokenizer_config.json); copy them in from the model's source")
     if not out:
         longest = max((len(ids) for _, ids in docs), default=0)
         fix = f"lower --seq-len to {longest} or less, or " if longest >= 2 else ""
@@ -329,16 +336,22 @@ def trace_run(run: str | Path, data: list[str] | None = None, *, seq_len: int = 
     """`moelab trace RUN`: the run's latest checkpoint over validation windows of each domain of `data`
     (None = the run's own training data), split with the run's val_fraction: never text it trained on."""
     from moelab.checkpoint import load_model
-    from moelab.data import build_corpus
     from moelab.model import BOS_ID, EOS_ID, PAD_ID
+    from moelab.train import corpus_for
     model, state = load_model(run)
+    if seq_len > model.cfg.max_seq_len:
+        raise ValueError(f"--seq-len={seq_len} is invalid for {run}: allowed <= the model's max_seq_len "
+                         f"{model.cfg.max_seq_len}")
     model = model.to(device)
-    seq_len = min(seq_len, model.cfg.max_seq_len)
     cfg = TrainConfig.from_dict(state["train_config"])
-    corpus = build_corpus(list(data) if data else list(cfg.data), val_fraction=cfg.val_fraction,
-                          split_version=cfg.split_version)
+    corpus = corpus_for(model.cfg, cfg, run, paths=data)
     docs = [(d, corpus.val[d].long().tolist()) for d in corpus.domains]
     domains, wins = windows(docs, seq_len, max_tokens)
     tr = trace_moelab(model, wins, domains, batch_size=batch_size, logits=logits,
                       meta={"run": str(run), "step": state.get("step", -1), "seq_len": seq_len})
-    return Trace(**{**tr.__dict__, "vocab": {PAD_ID: "<pad>", BOS_ID: "<bos>", EOS_ID: "<eos>"}})
+    vocab = {PAD_ID: "<pad>", BOS_ID: "<bos>", EOS_ID: "<eos>"}
+    if model.cfg.tokenizer != "bytes":  # a BPE vocabulary: decode the ids the trace holds
+        from moelab.hf_tokenizer import load_tokenizer
+        tok = load_tokenizer(model.cfg.tokenizer, run)
+        vocab = {int(t): tok.decode([int(t)]) for t in np.unique(tr.token_ids_N)}
+    return Trace(**{**tr.__dict__, "vocab": vocab})
