@@ -2,6 +2,7 @@
 under the current folder, never into the installed package."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_bench_runs_from_a_wheel_install_and_writes_outside_the_package(tmp_path):
-    whl, site, work = tmp_path / "whl", tmp_path / "site", tmp_path / "work"
+    whl, site, work, src = tmp_path / "whl", tmp_path / "site", tmp_path / "work", tmp_path / "src"
     work.mkdir()
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):  # built from a copy: a build writes build/ and *.egg-info
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "moelab", src / "moelab", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(whl),
-                    str(ROOT)], check=True, capture_output=True, timeout=300)
+                    str(src)], check=True, capture_output=True, timeout=300)
     wheel = next(whl.glob("moelab-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=300)

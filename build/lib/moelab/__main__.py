@@ -1,4 +1,0 @@
-"""`python -m moelab ...` is `moelab ...`."""
-from moelab.cli import main
-
-raise SystemExit(main())
