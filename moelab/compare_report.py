@@ -19,6 +19,7 @@ import numpy as np
 from moelab import compare_stats as st
 from moelab.compare import evaluate_tests, metric_values
 from moelab.compare_claims import CLAIMS, MARGIN, Claim
+from moelab.plots import save_figure
 
 # metric -> (label, decimals)
 METRICS = {
@@ -70,10 +71,7 @@ def plot_curves(arms: dict, key: str, ylabel: str, title: str, path: Path) -> Pa
         ax.set_ylim(lo - 0.05, lo + 1.5)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def plot_load(arms: dict, title: str, path: Path) -> Path | None:
@@ -112,10 +110,7 @@ def plot_tradeoff(arms: dict, x: str, y: str, title: str, path: Path) -> Path | 
     ax.set(xlabel=METRICS[x][0], ylabel=METRICS[y][0], title=title)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def _overrides(ov: dict) -> str:

@@ -27,10 +27,10 @@ def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
     return train, [r for r in rows if r.get("kind") == "val"]
 
 
-def save_figure(fig, path: Path) -> Path:
-    """tight_layout, write the PNG, free the figure."""
+def save_figure(fig, path: Path, dpi: int | None = None) -> Path:
+    """tight_layout, write the PNG (at `dpi`, default the figure's), free the figure."""
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 

@@ -99,3 +99,27 @@ def run_distributed(fn, world_size: int, args: tuple = (), *, timeout_s: float =
                 p.kill()
                 p.join(timeout=5)
     return [results[r] for r in range(world_size)]
+
+
+def train_side_by_side(ref, ep, *, rank: int, world: int, T: int, n_steps: int, d_model: int) -> None:
+    """AdamW steps of a full reference MoE layer on the whole batch and of its expert-parallel copy `ep` on this
+    rank's slice (grad sync and router state summed over ranks), on the same random inputs and targets."""
+    import torch
+
+    from moelab.parallel import step_routers_global, sync_grads
+    opt_ref, opt_ep = torch.optim.AdamW(ref.parameters(), lr=1e-2), torch.optim.AdamW(ep.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(n_steps):
+        x_TD, w_TD = torch.randn(world * T, d_model, generator=g), torch.randn(world * T, d_model, generator=g)
+        sl = slice(rank * T, (rank + 1) * T)
+        for layer, opt, x, w in ((ref, opt_ref, x_TD, w_TD), (ep, opt_ep, x_TD[sl], w_TD[sl])):
+            opt.zero_grad()
+            out = layer(x)
+            ((out.y * w).sum(-1).mean() + out.aux_loss).backward()
+            if layer is ep:
+                sync_grads(ep)
+                opt.step()
+                step_routers_global(ep)
+            else:
+                opt.step()
+                layer.step()

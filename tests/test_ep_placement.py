@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from dist import run_distributed
+from dist import run_distributed, train_side_by_side
 
 from moelab.config import MoEConfig
 from moelab.moe import MoELayer
@@ -18,7 +18,6 @@ from moelab.parallel import (
     enable_global_balance,
     expert_grad_sq,
     shard_moe_layer,
-    step_routers_global,
     sync_grads,
 )
 from moelab.placement import Devices, Placement
@@ -133,22 +132,7 @@ def _train_replicated(rank, world, phy2log, n_steps=3, T=8):
     torch.manual_seed(3)
     ref = MoELayer(cfg)
     ep = shard_moe_layer(copy.deepcopy(ref), placement)
-    opt_ref, opt_ep = torch.optim.AdamW(ref.parameters(), lr=1e-2), torch.optim.AdamW(ep.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(5)
-    for _ in range(n_steps):
-        x_TD, w_TD = torch.randn(world * T, cfg.d_model, generator=g), torch.randn(world * T, cfg.d_model, generator=g)
-        sl = slice(rank * T, (rank + 1) * T)
-        for layer, opt, x, w in ((ref, opt_ref, x_TD, w_TD), (ep, opt_ep, x_TD[sl], w_TD[sl])):
-            opt.zero_grad()
-            out = layer(x)
-            ((out.y * w).sum(-1).mean() + out.aux_loss).backward()
-            if layer is ep:
-                sync_grads(ep)
-                opt.step()
-                step_routers_global(ep)
-            else:
-                opt.step()
-                layer.step()
+    train_side_by_side(ref, ep, rank=rank, world=world, T=T, n_steps=n_steps, d_model=cfg.d_model)
     ids = list(ep.experts.dispatcher.local_experts)
     for (n, p_ep), (_, p_ref) in zip(ep.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p_ep, p_ref[ids] if n.startswith("experts.") else p_ref, **TOL, msg=n)

@@ -10,7 +10,7 @@ import datetime
 import pytest
 import torch
 import torch.distributed as dist
-from dist import run_distributed
+from dist import run_distributed, train_side_by_side
 
 from moelab.config import MoEConfig
 from moelab.moe import MoELayer
@@ -19,7 +19,6 @@ from moelab.parallel import (
     enable_global_balance,
     expert_parameters,
     shard_moe_layer,
-    step_routers_global,
     sync_grads,
 )
 from moelab.placement import Placement
@@ -128,24 +127,7 @@ def _train_steps(rank, world, cfg, placement, n_steps=3, T=8):
     """A few AdamW steps of EP+DP vs one process on the concatenated batch: all weights equal (1e-5),
     replicated weights bitwise identical across ranks, loss-free biases identical."""
     ref, ep = _pair(cfg, placement, seed=3)
-    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    opt_ep = torch.optim.AdamW(ep.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(5)
-    for _ in range(n_steps):
-        x_TD = torch.randn(world * T, cfg.d_model, generator=g)
-        w_TD = torch.randn(world * T, cfg.d_model, generator=g)
-        sl = slice(rank * T, (rank + 1) * T)
-        for layer, opt, x, w in ((ref, opt_ref, x_TD, w_TD), (ep, opt_ep, x_TD[sl], w_TD[sl])):
-            opt.zero_grad()
-            out = layer(x)
-            ((out.y * w).sum(-1).mean() + out.aux_loss).backward()
-            if layer is ep:
-                sync_grads(ep)
-                opt.step()
-                step_routers_global(ep)
-            else:
-                opt.step()
-                layer.step()
+    train_side_by_side(ref, ep, rank=rank, world=world, T=T, n_steps=n_steps, d_model=cfg.d_model)
     ids = list(ep.experts.dispatcher.local_experts)
     for (n, p_ep), (_, p_ref) in zip(ep.named_parameters(), ref.named_parameters()):
         want = p_ref[ids] if n.startswith("experts.") else p_ref

@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
+from peft_runs import model_cfg as tiny_moe
+from peft_runs import synthetic_corpus, tcfg, train_base
 
 from moelab import checkpoint
-from moelab.config import ModelConfig, MoEConfig, TrainConfig
-from moelab.data import Corpus
 from moelab.lora import LoRAConfig, find_targets, load_lora, lora_modules, merge_lora
 from moelab.model import MoELM
 from moelab.peft_train import (
@@ -19,28 +19,10 @@ from moelab.peft_train import (
     load_peft_model,
     trainer_from_args,
 )
-from moelab.train import Trainer
 
 
-def synthetic_corpus() -> Corpus:
-    """Two domains with different byte statistics (fast; no file reading)."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randint(97, 101, (3000,), generator=g).short()     # 'a'..'d'
-    b = torch.randint(48, 58, (3000,), generator=g).short()      # digits
-    return Corpus(["a", "b"], {"a": a[:2500], "b": b[:2500]}, {"a": a[2500:], "b": b[2500:]},
-                  {"a": (1, 1), "b": (1, 1)})
-
-
-def model_cfg(balance="loss_free") -> ModelConfig:
-    moe = MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2, n_shared=1, balance=balance,
-                    bias_update_rate=0.05)
-    return ModelConfig(moe=moe, d_model=32, n_layers=2, n_heads=2, d_dense=32, first_dense=1, max_seq_len=32)
-
-
-def tcfg(**kw) -> TrainConfig:
-    base = {"steps": 4, "batch_size": 2, "seq_len": 16, "warmup": 1, "eval_every": 0, "ckpt_every": 0,
-            "eval_batches": 1, "log_every": 1000, "lr": 1e-2}
-    return TrainConfig(**{**base, **kw})
+def model_cfg(balance="loss_free"):
+    return tiny_moe(balance=balance, bias_update_rate=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +32,7 @@ def corpus():
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, corpus):
-    out = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    Trainer(model_cfg(), tcfg(steps=6), out, corpus=corpus, verbose=False).fit()
-    return out
+    return train_base(tmp_path_factory.mktemp("base"), model_cfg(), corpus)
 
 
 def base_model(run):
