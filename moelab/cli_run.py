@@ -99,7 +99,8 @@ def _train(args: argparse.Namespace) -> int:
                       **ep_options(args.placement, args.rebalance_every, args.rebalance_window, run.model))
     if args.placement or args.rebalance_every is not None:
         raise ValueError("--placement / --rebalance-every need expert parallelism: add --ep P (or --nproc N)")
-    fresh_init = args.init_from and not (args.resume and list_checkpoints(out))  # a resumed run keeps its weights
+    # a folder with checkpoints is resumed (keeping its weights) or refused by fit: nothing is copied into it
+    fresh_init = args.init_from and not list_checkpoints(out)
     tok = run.model.tokenizer
     if fresh_init and tok != "bytes" and not Path(tok).is_absolute():  # the run's tokenizer folder comes along
         from moelab.hf_tokenizer import copy_tokenizer
