@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.config import EXPERT_IMPLS as IMPLS  # grouped = auto (ExpertsPath.kernel)
-from moelab.dispatch import LocalDispatcher, experts_reference_forward
+from moelab.dispatch import LocalDispatcher, block_layout, experts_reference_forward
 
 
 class ExpertTensors(NamedTuple):
@@ -163,16 +163,6 @@ def experts_grouped_mm(x_RD: Tensor, counts_E: Tensor, weights) -> Tensor:
     return y_RD if w.b_down is None else y_RD + _per_row(w.b_down, counts_E, R)
 
 
-def padded_positions(counts_E: Tensor, n_rows: int) -> tuple[Tensor, int]:
-    """Row r of expert e (sorted, contiguous blocks) -> row e*C + (r - start_e) of an (E*C)-row padded buffer,
-    C = the largest count. One host sync (C), the same one the loop twin makes."""
-    E = counts_E.numel()
-    C = int(counts_E.max()) if E else 0
-    e_R = torch.repeat_interleave(torch.arange(E, device=counts_E.device), counts_E, output_size=n_rows)
-    start_E = torch.cumsum(counts_E, 0) - counts_E
-    return torch.arange(n_rows, device=counts_E.device) + (e_R * C - start_E.index_select(0, e_R)), C
-
-
 def _bmm_mlp(x_ECD: Tensor, w: ExpertTensors, act) -> Tensor:
     h_ECG = torch.bmm(x_ECD, w.w_up)
     if w.b_up is not None:
@@ -197,9 +187,30 @@ def experts_padded(x_RD: Tensor, counts_E: Tensor, weights, block_bytes: int = 4
         if E > 1 and C * w.w_up.shape[2] * x_RD.element_size() >= block_bytes:
             return torch.cat([mlp(x_CD, w_e, weights.act) for x_CD, w_e in zip(x_RD.split(C), _unbound(weights))])
         return _bmm_mlp(x_RD.reshape(E, C, D), w, weights.act).reshape(R, -1)
-    pos_R, C = padded_positions(counts_E, R)
-    x_ECD = x_RD.new_zeros(E * C, D).index_copy(0, pos_R, x_RD).view(E, C, D)
-    return _bmm_mlp(x_ECD, w, weights.act).view(E * C, -1).index_select(0, pos_R)
+    C = int(counts_E.max())
+    return experts_blocked(x_RD, counts_E, weights, C, compact=True)
+
+
+def _expert_of_rows(counts_E: Tensor, R: int) -> Tensor:
+    return torch.repeat_interleave(torch.arange(counts_E.numel(), device=counts_E.device), counts_E, output_size=R)
+
+
+def experts_blocked(x_RD: Tensor, counts_E: Tensor, weights, C: int, compact: bool = False) -> Tensor:
+    """Equal part + ragged tail: the first C rows of every expert (padded with zero rows when it has fewer) as
+    two bmm (one parallel region per GEMM), the rows past C one MLP per expert that has any (experts_sparse).
+    x_RD is in the blocked layout (dispatch.block_layout) unless `compact`, then it is moved there and back."""
+    E, D = weights.n_experts, x_RD.shape[1]
+    pos_R = None
+    if compact:
+        pos_R, n_rows = block_layout(_expert_of_rows(counts_E, x_RD.shape[0]), counts_E, C)
+        x_RD = x_RD.new_zeros(n_rows, D).index_copy(0, pos_R, x_RD)
+    y_ECD = _bmm_mlp(x_RD[: E * C].view(E, C, D), weights.stacked(), weights.act)
+    over_E = (counts_E - C).clamp_min(0)
+    if x_RD.shape[0] > E * C:
+        y_RD = torch.cat([y_ECD.view(E * C, -1), experts_sparse(x_RD[E * C:], over_E, weights)])
+    else:
+        y_RD = y_ECD.view(E * C, -1)
+    return y_RD if pos_R is None else y_RD.index_select(0, pos_R)
 
 
 EXPERT_IMPLS = {"loop": experts_loop, "sparse": experts_sparse, "grouped_mm": experts_grouped_mm,
@@ -208,12 +219,16 @@ EXPERT_IMPLS = {"loop": experts_loop, "sparse": experts_sparse, "grouped_mm": ex
 
 @dataclass(frozen=True)
 class ExpertsPath:
-    """The one padding/path policy: which kernel runs the experts, and whether the dispatcher pads every expert
-    to equal blocks. Big per-expert blocks are GEMMs efficient on their own: never padded, run expert by
-    expert. Small blocks: padded (two bmm) when that adds at most `max_padding` rows, else grouped_mm."""
+    """The one padding/path policy: which kernel runs the experts, and the rows C every expert gets in an equal
+    block part (two bmm; experts with fewer rows padded, rows past C in a ragged tail run expert by expert).
+    C minimises (block rows) + tail_row_cost * (tail rows) + tail_expert_cost * (experts with a tail), padding at
+    most `max_padding` of the rows. Big per-expert blocks are GEMMs efficient on their own: never blocked, run
+    expert by expert."""
     impl: str = "grouped"            # grouped (auto) | loop | grouped_mm | padded | sparse
-    max_padding: float = 0.25        # pad to equal blocks when that adds at most this share of rows
+    max_padding: float = 0.05        # padding rows at most this share of the real rows
     block_bytes: int = 4 << 20       # an expert whose hidden block (C rows x G) reaches this runs on its own
+    tail_row_cost: float = 1.5       # a tail row (small per-expert GEMM) costs this many block rows
+    tail_expert_cost: float = 24.0   # an expert with a tail costs this many block rows (two calls, weights re-read)
 
     def __post_init__(self) -> None:
         if self.impl not in IMPLS:
@@ -222,14 +237,21 @@ class ExpertsPath:
     def _big(self, C: int, G: int, itemsize: int) -> bool:
         return C * G * itemsize >= self.block_bytes
 
-    def pads(self, *, C: int, R: int, E: int, G: int, itemsize: int) -> bool:
-        """Dispatcher: pad every expert to C rows (R rows -> E*C)?"""
-        if self.impl not in ("grouped", "padded") or (self.impl == "grouped" and self._big(C, G, itemsize)):
-            return False
-        return 0 < R < E * C <= (1 + self.max_padding) * R
+    def block_rows(self, counts_E: Tensor, *, G: int, itemsize: int) -> int:
+        """Dispatcher layout: rows C per expert in the equal block part, 0 = compact rows (no blocks)."""
+        if self.impl not in ("grouped", "padded") or counts_E.numel() == 0:
+            return 0
+        c_E = counts_E.detach().to("cpu", torch.float64)
+        R, C_max = float(c_E.sum()), int(c_E.max())
+        if R == 0 or (self.impl == "grouped" and self._big(C_max, G, itemsize)):
+            return 0
+        budget = self.max_padding * R
+        if self.impl == "padded":
+            return C_max if (C_max - c_E).sum() <= budget else 0
+        return best_block_rows(c_E, budget, self.tail_row_cost, self.tail_expert_cost)
 
     def kernel(self, x_RD: Tensor, counts_E: Tensor, weights) -> str:
-        """Name of the kernel for these rows (a key of EXPERT_IMPLS)."""
+        """Name of the kernel for these compact rows (a key of EXPERT_IMPLS, or "blocked")."""
         R = x_RD.shape[0]
         if not weights.resident:  # experts fetched one by one: only those with rows
             return "loop" if self.impl == "loop" else "sparse"
@@ -237,21 +259,48 @@ class ExpertsPath:
             return self.impl
         w = weights.stacked()
         if self.impl == "grouped":
+            if R > 0 and self.block_rows(counts_E, G=w.w_up.shape[2], itemsize=x_RD.element_size()):
+                return "blocked"
             C = int(counts_E.max()) if R > 0 else 0
             if self._big(C, w.w_up.shape[2], x_RD.element_size()):
                 return "sparse"
-            if R > 0 and weights.n_experts * C <= (1 + self.max_padding) * R:
-                return "padded"
         if grouped_mm_available(x_RD, w):
             return "grouped_mm"
         return "sparse" if R > 0 else "loop"  # R=0: the loop keeps the weights in the graph
 
-    def run(self, x_RD: Tensor, counts_E: Tensor, weights) -> Tensor:
-        """y_RD = each row's expert applied to it (rows sorted by expert, counts_E rows per expert)."""
+    def run(self, x_RD: Tensor, counts_E: Tensor, weights, block_rows: int = 0) -> Tensor:
+        """y_RD = each row's expert applied to it: rows sorted by expert, counts_E real rows per expert, compact
+        or (block_rows C > 0) in the blocked layout of dispatch.block_layout."""
+        if block_rows:
+            return experts_blocked(x_RD, counts_E, weights, block_rows)
         name = self.kernel(x_RD, counts_E, weights)
+        if name == "blocked":
+            G = weights.stacked().w_up.shape[2]
+            C = self.block_rows(counts_E, G=G, itemsize=x_RD.element_size())
+            return experts_blocked(x_RD, counts_E, weights, C, compact=True)
         if name == "padded":
             return experts_padded(x_RD, counts_E, weights, self.block_bytes)
         return EXPERT_IMPLS[name](x_RD, counts_E, weights)
+
+
+def best_block_rows(c_E: Tensor, budget: float, tail_row_cost: float, tail_expert_cost: float) -> int:
+    """argmin over C of E*C + tail_row_cost * sum(max(c - C, 0)) + tail_expert_cost * #(c > C), subject to
+    sum(max(C - c, 0)) <= budget padding rows. The cost is piecewise linear in C: the optimum is a count or the
+    largest C within the budget. c_E: float64 counts on the CPU."""
+    E = c_E.numel()
+    c = torch.sort(c_E).values
+    below = torch.arange(E, dtype=c.dtype)                          # experts strictly below c[i] (ties aside)
+    pad_i = below * c - (torch.cumsum(c, 0) - c)                    # padding rows at C = c[i]
+    ok = pad_i <= budget
+    i = int(ok.nonzero().max())
+    c_hi = float(c[i + 1]) if i + 1 < E else float(c[i])
+    c_budget = min(float(c[i]) + (budget - float(pad_i[i])) // (i + 1), c_hi)
+    cand = torch.cat([c[ok], torch.tensor([c_budget, 0.0], dtype=c.dtype)]).unique()
+    over = (c.unsqueeze(0) - cand.unsqueeze(1)).clamp_min(0)        # (candidates, E)
+    pad = (cand.unsqueeze(1) - c.unsqueeze(0)).clamp_min(0).sum(1)
+    cost = E * cand + tail_row_cost * over.sum(1) + tail_expert_cost * (over > 0).sum(1)
+    cost = torch.where(pad <= budget, cost, torch.inf)
+    return int(cand[int(cost.argmin())])
 
 
 class Experts(nn.Module):
@@ -325,15 +374,15 @@ class RoutedExperts(nn.Module):
             E = self.weights.n_experts
             y_TD = experts_reference_forward(x_TD, expert_idx_TK, weight_TK, self.expert_fn, E)
             return RoutedOutput(y_TD, torch.bincount(expert_idx_TK.reshape(-1) + 1, minlength=E + 1)[1:])
-        pads = None
+        rule = None
         if self.weights.resident:
             G = self.weights.stacked().w_up.shape[-1]
 
-            def pads(C: int, R: int, E: int) -> bool:
-                return self.path.pads(C=C, R=R, E=E, G=G, itemsize=x_TD.element_size())
+            def rule(counts_E: Tensor) -> int:
+                return self.path.block_rows(counts_E, G=G, itemsize=x_TD.element_size())
 
-        x_RD, counts_L, plan = self.dispatcher.dispatch(x_TD, expert_idx_TK, weight_TK, pads)
-        y_RD = self.path.run(x_RD, counts_L, self.weights)
+        x_RD, counts_L, plan = self.dispatcher.dispatch(x_TD, expert_idx_TK, weight_TK, rule)
+        y_RD = self.path.run(x_RD, counts_L, self.weights, getattr(plan, "block_rows", 0))
         return RoutedOutput(self.dispatcher.combine(y_RD, plan), plan.tokens_E)
 
     def expert_fn(self, e: int, x_ND: Tensor) -> Tensor:
