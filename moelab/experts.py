@@ -18,6 +18,8 @@ padding at dispatch, with one set of constants.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -67,6 +69,8 @@ class _SwiGLU(torch.autograd.Function):
 def activate(h_RG: Tensor, activation: str) -> Tensor:
     """SwiGLU (Shazeer 2020, eq. 6): silu(gate) * up, with gate|up concatenated on the last dim; or GELU."""
     if activation == "swiglu":
+        if torch.compiler.is_compiling():  # inductor fuses the formula; the Function's out= halves break graphs
+            return swiglu_reference(h_RG)
         return _SwiGLU.apply(h_RG) if h_RG.requires_grad else swiglu_no_grad(h_RG)
     return F.gelu(h_RG)
 
@@ -74,6 +78,20 @@ def activate(h_RG: Tensor, activation: str) -> Tensor:
 def swiglu_no_grad(h_RG: Tensor) -> Tensor:
     gate_RF, up_RF = h_RG.chunk(2, dim=-1)
     return F.silu(gate_RF).mul_(up_RF)
+
+
+@contextmanager
+def scoped_threads(n: int) -> Iterator[None]:
+    """Runs the block on at most n intra-op threads (0 = unchanged) and restores the count after."""
+    old = torch.get_num_threads()
+    if n <= 0 or n >= old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def mlp(x_RD: Tensor, w: ExpertTensors, act) -> Tensor:
@@ -163,7 +181,8 @@ def experts_grouped_mm(x_RD: Tensor, counts_E: Tensor, weights) -> Tensor:
     return y_RD if w.b_down is None else y_RD + _per_row(w.b_down, counts_E, R)
 
 
-def _bmm_mlp(x_ECD: Tensor, w: ExpertTensors, act) -> Tensor:
+def bmm_mlp(x_ECD: Tensor, w: ExpertTensors, act) -> Tensor:
+    """E equal blocks of C rows through their experts as two batched GEMMs."""
     h_ECG = torch.bmm(x_ECD, w.w_up)
     if w.b_up is not None:
         h_ECG = h_ECG + w.b_up.unsqueeze(1)
@@ -186,7 +205,7 @@ def experts_padded(x_RD: Tensor, counts_E: Tensor, weights, block_bytes: int = 4
         C = R // E
         if E > 1 and C * w.w_up.shape[2] * x_RD.element_size() >= block_bytes:
             return torch.cat([mlp(x_CD, w_e, weights.act) for x_CD, w_e in zip(x_RD.split(C), _unbound(weights))])
-        return _bmm_mlp(x_RD.reshape(E, C, D), w, weights.act).reshape(R, -1)
+        return bmm_mlp(x_RD.reshape(E, C, D), w, weights.act).reshape(R, -1)
     C = int(counts_E.max())
     return experts_blocked(x_RD, counts_E, weights, C, compact=True)
 
@@ -204,7 +223,7 @@ def experts_blocked(x_RD: Tensor, counts_E: Tensor, weights, C: int, compact: bo
     if compact:
         pos_R, n_rows = block_layout(_expert_of_rows(counts_E, x_RD.shape[0]), counts_E, C)
         x_RD = x_RD.new_zeros(n_rows, D).index_copy(0, pos_R, x_RD)
-    y_ECD = _bmm_mlp(x_RD[: E * C].view(E, C, D), weights.stacked(), weights.act)
+    y_ECD = bmm_mlp(x_RD[: E * C].view(E, C, D), weights.stacked(), weights.act)
     over_E = (counts_E - C).clamp_min(0)
     if x_RD.shape[0] > E * C:
         y_RD = torch.cat([y_ECD.view(E * C, -1), experts_sparse(x_RD[E * C:], over_E, weights)])
@@ -229,6 +248,8 @@ class ExpertsPath:
     block_bytes: int = 4 << 20       # an expert whose hidden block (C rows x G) reaches this runs on its own
     tail_row_cost: float = 1.5       # a tail row (small per-expert GEMM) costs this many block rows
     tail_expert_cost: float = 24.0   # an expert with a tail costs this many block rows (two calls, weights re-read)
+    few_rows: int = 256              # calls with at most this many token slots (decode) run on few_threads
+    few_threads: int = 1             # intra-op threads for those calls, scoped (0 = all); see docs/speed.md
 
     def __post_init__(self) -> None:
         if self.impl not in IMPLS:
@@ -370,6 +391,11 @@ class RoutedExperts(nn.Module):
         self.dispatcher = dispatcher or LocalDispatcher(weights.n_experts)
 
     def forward(self, x_TD: Tensor, expert_idx_TK: Tensor, weight_TK: Tensor) -> RoutedOutput:
+        few = expert_idx_TK.numel() <= self.path.few_rows and not torch.compiler.is_compiling()
+        with scoped_threads(self.path.few_threads if few else 0):  # small calls: no barrier on busy cores
+            return self._forward(x_TD, expert_idx_TK, weight_TK)
+
+    def _forward(self, x_TD: Tensor, expert_idx_TK: Tensor, weight_TK: Tensor) -> RoutedOutput:
         if self.path.impl == "loop" and isinstance(self.dispatcher, LocalDispatcher):
             E = self.weights.n_experts
             y_TD = experts_reference_forward(x_TD, expert_idx_TK, weight_TK, self.expert_fn, E)
