@@ -19,7 +19,7 @@ padding at dispatch, with one set of constants.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -250,6 +250,7 @@ class ExpertsPath:
     tail_expert_cost: float = 24.0   # an expert with a tail costs this many block rows (two calls, weights re-read)
     few_rows: int = 256              # calls with at most this many token slots (decode) run on few_threads
     few_threads: int = 1             # intra-op threads for those calls, scoped (0 = all); see docs/speed.md
+    regather: bool = True            # backward regathers the dispatched rows from x_TD instead of keeping them
 
     def __post_init__(self) -> None:
         if self.impl not in IMPLS:
@@ -322,6 +323,33 @@ def best_block_rows(c_E: Tensor, budget: float, tail_row_cost: float, tail_exper
     cost = E * cand + tail_row_cost * over.sum(1) + tail_expert_cost * (over > 0).sum(1)
     cost = torch.where(pad <= budget, cost, torch.inf)
     return int(cand[int(cost.argmin())])
+
+
+def regather_saved_rows(x_TD: Tensor, token_R: Tensor, x_RD: Tensor):
+    """Saved-tensor hooks for the expert GEMMs: a saved view of the dispatched rows x_RD (= x_TD[token_R]) is
+    not kept for backward; backward gathers the rows again from x_TD (once) and takes the same view. Saves
+    R x D activations for one more gather pass. x_TD must not change in place before backward."""
+    ptr, cache = x_RD.untyped_storage().data_ptr(), {}
+
+    def pack(t: Tensor):
+        if t.device == x_RD.device and t.dtype == x_RD.dtype and t.untyped_storage().data_ptr() == ptr:
+            return _RowsView(t.size(), t.stride(), t.storage_offset())
+        return t
+
+    def unpack(p):
+        if not isinstance(p, _RowsView):
+            return p
+        if "x_RD" not in cache:
+            cache["x_RD"] = x_TD.detach().index_select(0, token_R)
+        return cache["x_RD"].as_strided(p.size, p.stride, p.offset)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+class _RowsView(NamedTuple):
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int
 
 
 class Experts(nn.Module):
@@ -408,7 +436,10 @@ class RoutedExperts(nn.Module):
                 return self.path.block_rows(counts_E, G=G, itemsize=x_TD.element_size())
 
         x_RD, counts_L, plan = self.dispatcher.dispatch(x_TD, expert_idx_TK, weight_TK, rule)
-        y_RD = self.path.run(x_RD, counts_L, self.weights, getattr(plan, "block_rows", 0))
+        regather = (self.path.regather and isinstance(self.dispatcher, LocalDispatcher) and x_RD.requires_grad
+                    and not torch.compiler.is_compiling())
+        with regather_saved_rows(x_TD, plan.token_R, x_RD) if regather else nullcontext():
+            y_RD = self.path.run(x_RD, counts_L, self.weights, getattr(plan, "block_rows", 0))
         return RoutedOutput(self.dispatcher.combine(y_RD, plan), plan.tokens_E)
 
     def expert_fn(self, e: int, x_ND: Tensor) -> Tensor:

@@ -368,3 +368,27 @@ def test_bench_quick_writes_json(tmp_path):
         assert s["fwd"]["moelab_over_dense"] > 0 and s["fwd_bwd"]["moelab_over_dense"] > 0
         assert s["peak_mem_fwd_bwd_bytes"]["moelab"] > 0
     assert res["decode"]["floor_ms"] > 0 and res["decode"]["experts_touched"] >= 1
+
+
+@pytest.mark.parametrize("regather", [True, False])
+def test_regathered_rows_give_the_same_gradients(regather):
+    """Backward that gathers the dispatched rows again from x_TD (nothing R x D kept) equals the reference;
+    the hook really replaces the saved rows (the packed objects are views' descriptions, not tensors)."""
+    from moelab.experts import regather_saved_rows
+    gen = torch.Generator().manual_seed(11)
+    T, E, K, D, F = 40, 6, 2, 16, 12
+    routing = _random_routing(T, E, K, gen)
+    experts = Experts(E, D, F)
+    x_TD = torch.randn(T, D, generator=gen, requires_grad=True)
+    params = [x_TD, routing.weight_TK, experts.w_up_EDG, experts.w_down_EFD]
+    routed = RoutedExperts(experts, ExpertsPath("grouped", regather=regather))
+    got = routed(x_TD, routing.expert_idx_TK, routing.weight_TK).y_TD
+    want = experts_reference_forward(x_TD, routing.expert_idx_TK, routing.weight_TK, routed.expert_fn, E)
+    torch.testing.assert_close(got, want, **TOL)
+    for a, b in zip(_grads(got, params), _grads(want, params)):
+        torch.testing.assert_close(a, b, **TOL)
+    x_RD = x_TD.detach().mul(2.0)  # not x_TD[token_R]: the gradient shows which rows backward read
+    with regather_saved_rows(x_TD, torch.arange(T), x_RD):
+        y = x_RD[:8] @ experts.w_up_EDG[0]
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), experts.w_up_EDG)[0][0],
+                               x_TD[:8].sum(0, keepdim=True).t().expand(D, 2 * F).detach(), **TOL)
