@@ -214,6 +214,50 @@ def _expert_of_rows(counts_E: Tensor, R: int) -> Tensor:
     return torch.repeat_interleave(torch.arange(counts_E.numel(), device=counts_E.device), counts_E, output_size=R)
 
 
+class _BlockedMM(torch.autograd.Function):
+    """y_R? = x_R? @ w_E??[expert of row] in the blocked layout: the E*C block rows as one bmm written in place,
+    each tail block (over_E rows past C, in expert order) one mm into the same output (no cat). Backward: the
+    weight gradient is one (E, I, O) bmm with the tail blocks added into their experts' slices (one buffer, no
+    stack of per-expert gradients)."""
+
+    @staticmethod
+    def forward(ctx, x_RI: Tensor, w_EIO: Tensor, C: int, over: list[int]) -> Tensor:
+        ctx.save_for_backward(x_RI, w_EIO)
+        ctx.C, ctx.over = C, over
+        E, _, O = w_EIO.shape
+        y_RO = x_RI.new_empty(x_RI.shape[0], O)
+        torch.bmm(x_RI[: E * C].view(E, C, -1), w_EIO, out=y_RO[: E * C].view(E, C, O))
+        for e, x_NI, y_NO in _tail_blocks(x_RI, y_RO, E * C, over):
+            torch.mm(x_NI, w_EIO[e], out=y_NO)
+        return y_RO
+
+    @staticmethod
+    def backward(ctx, g_RO: Tensor):
+        x_RI, w_EIO = ctx.saved_tensors
+        C, over = ctx.C, ctx.over
+        E, I, O = w_EIO.shape
+        g_RO = g_RO.contiguous()
+        g_x = g_w = None
+        if ctx.needs_input_grad[0]:
+            g_x = g_RO.new_empty(g_RO.shape[0], I)
+            torch.bmm(g_RO[: E * C].view(E, C, O), w_EIO.transpose(1, 2), out=g_x[: E * C].view(E, C, I))
+            for e, g_NO, g_NI in _tail_blocks(g_RO, g_x, E * C, over):
+                torch.mm(g_NO, w_EIO[e].t(), out=g_NI)
+        if ctx.needs_input_grad[1]:
+            g_w = torch.bmm(x_RI[: E * C].view(E, C, I).transpose(1, 2), g_RO[: E * C].view(E, C, O))
+            for e, x_NI, g_NO in _tail_blocks(x_RI, g_RO, E * C, over):
+                g_w[e].addmm_(x_NI.t(), g_NO)
+        return g_x, g_w, None, None
+
+
+def _tail_blocks(a_R_: Tensor, b_R_: Tensor, start: int, over: list[int]):
+    """(expert, rows of a, rows of b) for every tail block with rows, in expert order from row `start`."""
+    for e, n in enumerate(over):
+        if n:
+            yield e, a_R_[start: start + n], b_R_[start: start + n]
+            start += n
+
+
 def experts_blocked(x_RD: Tensor, counts_E: Tensor, weights, C: int, compact: bool = False) -> Tensor:
     """Equal part + ragged tail: the first C rows of every expert (padded with zero rows when it has fewer) as
     two bmm (one parallel region per GEMM), the rows past C one MLP per expert that has any (experts_sparse).
@@ -223,7 +267,13 @@ def experts_blocked(x_RD: Tensor, counts_E: Tensor, weights, C: int, compact: bo
     if compact:
         pos_R, n_rows = block_layout(_expert_of_rows(counts_E, x_RD.shape[0]), counts_E, C)
         x_RD = x_RD.new_zeros(n_rows, D).index_copy(0, pos_R, x_RD)
-    y_ECD = bmm_mlp(x_RD[: E * C].view(E, C, D), weights.stacked(), weights.act)
+    w = weights.stacked()
+    if w.b_up is None and w.b_down is None and not torch.compiler.is_compiling():
+        over = (counts_E - C).clamp_min(0).tolist()
+        h_RG = _BlockedMM.apply(x_RD.contiguous(), w.w_up, C, over)
+        y_RD = _BlockedMM.apply(weights.act(h_RG).contiguous(), w.w_down, C, over)
+        return y_RD if pos_R is None else y_RD.index_select(0, pos_R)
+    y_ECD = bmm_mlp(x_RD[: E * C].view(E, C, D), w, weights.act)
     over_E = (counts_E - C).clamp_min(0)
     if x_RD.shape[0] > E * C:
         y_RD = torch.cat([y_ECD.view(E * C, -1), experts_sparse(x_RD[E * C:], over_E, weights)])
