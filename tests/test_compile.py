@@ -30,7 +30,7 @@ def _check_layer(layer, compiled, xs):
                 torch.testing.assert_close(a, b, **TOL)
 
 
-@pytest.mark.parametrize("max_vio_bias", [0.0, 2.0])
+@pytest.mark.parametrize("max_vio_bias", [2.0])
 def test_layer_compiled_aot_eager_equals_eager(max_vio_bias):
     """Dynamo + AOT autograd (no codegen: fast): the traced graphs and their backward equal eager; a biased gate
     gives uneven counts (a tail past the equal block part)."""
