@@ -43,7 +43,7 @@ def test_layer_compiled_aot_eager_equals_eager(max_vio_bias):
     _check_layer(layer, torch.compile(layer, backend="aot_eager", dynamic=True), xs)
 
 
-def _check_lm(backend):
+def _check_lm(backend, tol=TOL):
     torch._dynamo.reset()
     torch.manual_seed(0)
     cfg = ModelConfig(moe=MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2), d_model=32, n_layers=2,
@@ -54,11 +54,11 @@ def _check_lm(backend):
     for seed in (3, 4):  # other tokens, other counts per expert
         idx_BS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(seed))
         want, got = model(idx_BS), compiled(idx_BS)
-        torch.testing.assert_close(got.logits_BSV, want.logits_BSV, **TOL)
+        torch.testing.assert_close(got.logits_BSV, want.logits_BSV, **tol)
         for a, b in zip(_grads(got.logits_BSV.sum() + got.aux_loss, params),
                         _grads(want.logits_BSV.sum() + want.aux_loss, params)):
             if a is not None or b is not None:
-                torch.testing.assert_close(a, b, **TOL)
+                torch.testing.assert_close(a, b, **tol)
 
 
 def test_lm_compiled_aot_eager_equals_eager():
@@ -76,4 +76,6 @@ def test_layer_compiled_inductor_equals_eager():
 
 @pytest.mark.slow
 def test_lm_compiled_inductor_equals_eager():
-    _check_lm("inductor")
+    """The whole LM under inductor: its fused attention/norm kernels sum in another order, so a few embedding
+    gradients (a sum over every token) differ by ~1.3e-5 absolute (seen once): 1e-5 relative, 5e-5 absolute."""
+    _check_lm("inductor", {"atol": 5e-5, "rtol": 1e-5})
