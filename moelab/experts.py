@@ -12,9 +12,10 @@ An expert-weights provider is any object with
   act(h_RG) -> a_RF            the gate function
 `Experts` (moelab's own nn.Parameters) is the default provider; transformers' fused weights (hf.py) or an
 offloaded store are others. Kernels (EXPERT_IMPLS) all equal the reference `experts_loop` (one matmul pair
-per expert): `experts_padded` (equal blocks -> two bmm), `experts_grouped_mm` (torch._grouped_mm, 16-byte
-alignment rule), `experts_sparse` (only experts with rows); `ExpertsPath` picks among them and decides
-padding at dispatch, with one set of constants.
+per expert): `experts_padded` (all padded to the largest count -> two bmm), `experts_grouped_mm`
+(torch._grouped_mm, 16-byte alignment rule), `experts_sparse` (only experts with rows), and the auto path's
+`experts_blocked` (an equal part of C rows per expert as bmm + a ragged tail, <= 5% padding rows);
+`ExpertsPath` picks among them and decides the dispatch layout (block rows C), with one set of constants.
 """
 from __future__ import annotations
 
