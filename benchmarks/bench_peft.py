@@ -31,6 +31,7 @@ from moelab.compress import (
     prune_experts,
     routing_stats,
 )
+from moelab.config import TrainConfig
 from moelab.data import Corpus
 from moelab.lora import (
     LoRAConfig,
@@ -44,7 +45,6 @@ from moelab.lora import (
 )
 from moelab.model import MoELM, lm_loss
 from moelab.presets import tiny
-from moelab.config import TrainConfig
 from moelab.train import Trainer, evaluate
 
 

@@ -1,6 +1,7 @@
-"""MoE layer speed: moelab vs the dense-equivalent GEMMs, vs transformers, and decode vs the bandwidth floor.
+"""MoE layer speed: moelab vs the GEMM floor, the dense-equivalent GEMMs, transformers, and decode vs the
+bandwidth floor.
 
-T=tokens, D=d_model, E=experts, K=top-k, F=expert hidden, G=2F (gate|up).
+T=tokens, D=d_model, E=experts, K=top-k, F=expert hidden, G=2F (gate|up), C=T*K/E rows per expert.
 Everything is measured interleaved in one process (A B C A B C ...) after warm-up; the table reports the
 median of the per-round ratios, which survives a noisy shared machine far better than absolute times.
 Run: `moelab bench` (or `python benchmarks/bench_moe.py`); `--quick` runs tiny shapes in seconds (a smoke
@@ -16,7 +17,7 @@ import platform
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from moelab.config import EXPERT_IMPLS, MoEConfig
-from moelab.experts import ExpertTensors, activate, mlp
+from moelab.expert_kernels import ExpertTensors, activate, bmm_mlp, mlp
 from moelab.moe import MoELayer
 
 RESULTS_DIR = Path("benchmarks") / "results"  # relative to the current folder, never the installed package
@@ -38,11 +39,14 @@ class Shape:
     D: int         # d_model
     F: int         # expert hidden size
     T: int         # tokens per call
+    max_vio: float = 0.0  # > 0: gate skewed to Zipf-like loads with this MaxVio (max/mean - 1); 0: random init
 
 
-SHAPES = (Shape("coarse", 8, 2, 512, 1408, 4096), Shape("fine", 64, 8, 512, 256, 2048))
+SHAPES = (Shape("coarse", 8, 2, 512, 1408, 4096), Shape("fine", 64, 8, 512, 256, 2048),
+          Shape("fine-skew", 64, 8, 512, 256, 2048, 1.0))
 DECODE = Shape("decode", 64, 8, 512, 256, 8)
-QUICK_SHAPES = (Shape("coarse", 4, 2, 64, 128, 256), Shape("fine", 16, 4, 64, 32, 256))
+QUICK_SHAPES = (Shape("coarse", 4, 2, 64, 128, 256), Shape("fine", 16, 4, 64, 32, 256),
+                Shape("fine-skew", 16, 4, 64, 32, 256, 1.0))
 QUICK_DECODE = Shape("decode", 16, 4, 64, 32, 8)
 
 
@@ -107,6 +111,46 @@ class Dense:
         return mlp(self.x_ND, ExpertTensors(self.w_up_DG, self.w_down_FD), lambda h: activate(h, "swiglu"))
 
 
+class Floor:
+    """The GEMM floor: the same expert GEMMs on pre-sorted, unpadded rows, exactly C = T*K/E rows per expert, as
+    one bmm each (what a perfect dispatcher would leave to do)."""
+
+    def __init__(self, s: Shape):
+        C = s.T * s.k // s.E
+        self.x_ECD = torch.randn(s.E, C, s.D, requires_grad=True)
+        self.w_up_EDG = (torch.randn(s.E, s.D, 2 * s.F) * s.D ** -0.5).requires_grad_()
+        self.w_down_EFD = (torch.randn(s.E, s.F, s.D) * s.F ** -0.5).requires_grad_()
+
+    def __call__(self) -> Tensor:
+        return bmm_mlp(self.x_ECD, ExpertTensors(self.w_up_EDG, self.w_down_EFD), lambda h: activate(h, "swiglu"))
+
+
+def skew_gate(layer: MoELayer, x_TD: Tensor, max_vio: float, scale: float = 4.0) -> tuple[Tensor, float]:
+    """Skews the gate to Zipf-like loads (expert e's logit + b_e, b_e = -a log(e + 1)) as an unbalanced
+    early-training router gives: x gets a constant component `scale` * u (unit u) and the gate b u^T / scale, so
+    transformers' block (same gate weight) routes the same; `a` bisected until MaxVio = max_vio. Returns
+    (x_TD with the component, the MaxVio reached)."""
+    D, E = x_TD.shape[1], layer.cfg.n_experts
+    u_D = torch.nn.functional.normalize(torch.randn(D, generator=torch.Generator().manual_seed(7)), dim=0)
+    x_TD = (x_TD.detach() + scale * u_D).requires_grad_(x_TD.requires_grad)
+    w0 = layer.gate.weight.detach().clone()
+    rank_E = torch.log(torch.arange(1, E + 1, dtype=torch.float32))
+
+    def vio(a: float) -> float:
+        with torch.no_grad():
+            layer.gate.weight.copy_(w0)
+            layer.gate.weight[:E] -= torch.outer(a * rank_E, u_D) / scale
+            idx = layer.route(x_TD, None, None).expert_idx_TK
+        c = torch.bincount(idx[idx >= 0], minlength=E).float()
+        return float(c.max() / c.mean() - 1)
+
+    lo, hi = 0.0, 4.0
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if vio(mid) < max_vio else (lo, mid)
+    return x_TD, vio((lo + hi) / 2)
+
+
 def _fwd(f):
     def run():
         with torch.no_grad():
@@ -138,19 +182,42 @@ def peak_bytes(fn) -> int:
     return max([0, *totals])
 
 
-def bench_shape(s: Shape, rounds: int, budget_s: float, impl: str, with_hf: bool, prof: bool = False) -> dict:
+def layout_stats(layer: MoELayer, x_TD: Tensor) -> dict:
+    """Rows the experts path computes for these tokens: block rows C, padding and tail shares of the real rows."""
+    with torch.no_grad():
+        idx = layer.route(x_TD, None, None).expert_idx_TK
+    c_E = torch.bincount(idx[idx >= 0], minlength=layer.cfg.n_experts)
+    path, w = layer.experts.path, layer.experts.weights
+    C = path.block_rows(c_E, G=w.w_up_EDG.shape[2], itemsize=4)
+    R, E = int(c_E.sum()), c_E.numel()
+    over = (c_E - C).clamp_min(0)
+    rows = E * C + int(over.sum()) if C else R
+    return {"max_vio": float(c_E.max() / c_E.float().mean() - 1), "min_count": int(c_E.min()),
+            "max_count": int(c_E.max()), "block_rows": C, "padding_share": (rows - R) / R,
+            "tail_share": int(over.sum()) / R if C else 1.0, "tail_experts": int((over > 0).sum()) if C else E}
+
+
+def bench_shape(s: Shape, rounds: int, budget_s: float, impl: str, with_hf: bool, prof: bool = False,
+                compiled: bool = False) -> dict:
     torch.manual_seed(0)
     layer = moelab_layer(s, impl)
     x_TD = torch.randn(s.T, s.D, requires_grad=True)
-    dense = Dense(s)
+    reached = None
+    if s.max_vio:
+        x_TD, reached = skew_gate(layer, x_TD, s.max_vio)
+    dense, floor = Dense(s), Floor(s)
 
-    def moe():
-        r = layer(x_TD)
+    def moe(fn=layer):
+        r = fn(x_TD)
         return r.y + r.aux_loss  # the aux loss's backward is part of the layer's cost
 
     cands = {"dense": (dense, [dense.x_ND, dense.w_up_DG, dense.w_down_FD]),
+             "floor": (floor, [floor.x_ECD, floor.w_up_EDG, floor.w_down_EFD]),
              "moelab": (moe, [x_TD, *layer.parameters()])}
-    check = {}
+    if compiled:
+        fn = torch.compile(layer)
+        cands["moelab_compiled"] = (lambda: moe(fn), cands["moelab"][1])
+    check = {"layout": layout_stats(layer, x_TD), "max_vio_reached": reached}
     if with_hf:
         for hf_impl in ("eager", "grouped_mm"):
             block = hf_block(s, layer, hf_impl)
@@ -164,10 +231,17 @@ def bench_shape(s: Shape, rounds: int, budget_s: float, impl: str, with_hf: bool
         res = {f"{n}_ms": 1e3 * statistics.median(t) for n, t in times.items()}
         res["rounds"] = len(times["dense"])
         res["moelab_over_dense"] = median_ratio(times["moelab"], times["dense"])
+        res["moelab_over_floor"] = median_ratio(times["moelab"], times["floor"])
+        res["floor_over_dense"] = median_ratio(times["floor"], times["dense"])
+        if compiled:
+            res["compiled_over_floor"] = median_ratio(times["moelab_compiled"], times["floor"])
+            res["compiled_over_moelab"] = median_ratio(times["moelab_compiled"], times["moelab"])
         hf_names = [n for n in times if n.startswith("hf_")]
         if hf_names:
             best_hf = [min(ts) for ts in zip(*(times[n] for n in hf_names))]
             res["best_hf_over_moelab"] = median_ratio(best_hf, times["moelab"])
+            res["best_hf_over_floor"] = median_ratio(best_hf, times["floor"])
+            res["hf_eager_over_floor"] = median_ratio(times["hf_eager"], times["floor"]) if "hf_eager" in times else None
             res["hf_timed"] = hf_names
         out[mode] = res
         if with_hf and mode == "fwd":
@@ -183,7 +257,7 @@ def bench_shape(s: Shape, rounds: int, budget_s: float, impl: str, with_hf: bool
     out["param_grad_bytes"] = grads
     out["peak_act_mem_moelab_over_dense"] = (mem["moelab"] - grads["moelab"]) / (mem["dense"] - grads["dense"])
     if prof:
-        out["profile"] = {mode: {n: profile_top(wrap(*cands[n])) for n in ("moelab", "dense")}
+        out["profile"] = {mode: {n: profile_top(wrap(*cands[n])) for n in ("moelab", "floor")}
                           for mode, wrap in (("fwd", lambda f, p: _fwd(f)), ("fwd_bwd", _fwd_bwd))}
     return out
 
@@ -229,7 +303,16 @@ def bench_decode(s: Shape, rounds: int, budget_s: float, impl: str, with_hf: boo
     def moe():
         layer(batches[step["i"] % len(batches)])
 
-    cands = {"moelab": _fwd(moe)}
+    auto = layer.experts.path
+
+    def moe_all_threads():  # the experts on every thread (no small-call thread choice)
+        layer.experts.path = replace(auto, few_threads=0)
+        try:
+            moe()
+        finally:
+            layer.experts.path = auto
+
+    cands = {"moelab": _fwd(moe), "moelab_all_threads": _fwd(moe_all_threads)}
     if with_hf:
         for hf_impl in ("eager", "grouped_mm"):
             block = hf_block(s, layer, hf_impl)
@@ -245,61 +328,73 @@ def bench_decode(s: Shape, rounds: int, budget_s: float, impl: str, with_hf: boo
     res = {f"{n}_ms": 1e3 * statistics.median(t) for n, t in times.items()}
     res.update(shape=asdict(s), rounds=len(times["moelab"]), experts_touched=statistics.mean(touched),
                bytes_touched=bytes_touched, copy_bandwidth_GBps=bw / 1e9, floor_ms=1e3 * floor_s,
-               moelab_over_floor=statistics.median(t / floor_s for t in times["moelab"]))
+               moelab_over_floor=statistics.median(t / floor_s for t in times["moelab"]),
+               moelab_all_threads_over_floor=statistics.median(t / floor_s for t in times["moelab_all_threads"]),
+               experts_threads=auto.few_threads if s.T * s.k <= auto.few_rows else torch.get_num_threads(),
+               loadavg_1min=os.getloadavg()[0])
     if with_hf:
         best_hf = [min(a, b) for a, b in zip(times["hf_eager"], times["hf_grouped_mm"])]
         res["best_hf_over_moelab"] = median_ratio(best_hf, times["moelab"])
     return res
 
 
+COLUMNS = ("shape", "mode", "moelab ms", "floor ms", "moelab / floor", "dense-eq ms", "moelab / dense-eq",
+           "best HF / moelab", "target")
+
+
+def table_rows(results: dict) -> list[tuple[str, ...]]:
+    """One row per shape and mode (compiled and memory rows too): what the table and the markdown show."""
+    rows = []
+    for s in results["shapes"]:
+        sh, lay = s["shape"], s["check"]["layout"]
+        name = f"{sh['name']} E={sh['E']} k={sh['k']} F={sh['F']} T={sh['T']} (MaxVio {lay['max_vio']:.2f})"
+        for mode, target in (("fwd", "<= 1.10 floor, HF >= 1.05x"), ("fwd_bwd", "<= 1.10 floor, HF >= 1.2x")):
+            r = s[mode]
+            hf = f"{r['best_hf_over_moelab']:.2f}x" if "best_hf_over_moelab" in r else "-"
+            rows.append((name, mode, f"{r['moelab_ms']:.1f}", f"{r['floor_ms']:.1f}", f"{r['moelab_over_floor']:.2f}",
+                         f"{r['dense_ms']:.1f}", f"{r['moelab_over_dense']:.2f}", hf, target))
+            if "compiled_over_floor" in r:
+                rows.append((name, f"{mode} compiled", f"{r['moelab_compiled_ms']:.1f}", f"{r['floor_ms']:.1f}",
+                             f"{r['compiled_over_floor']:.2f}", "", f"{r['compiled_over_moelab']:.2f} x eager", "",
+                             ""))
+        m = s["peak_mem_fwd_bwd_bytes"]
+        rows.append((name, "peak mem fwd+bwd", f"{m['moelab'] / 2**20:.0f} MiB", "", "",
+                     f"{m['dense'] / 2**20:.0f} MiB", f"{s['peak_mem_moelab_over_dense']:.2f}", "", "(full)"))
+        rows.append((name, "activation mem", "", "", "", "", f"{s['peak_act_mem_moelab_over_dense']:.2f}", "",
+                     "<= 1.2"))
+        split = (f"pad {100 * lay['padding_share']:.1f}%, tail {100 * lay['tail_share']:.1f}% / "
+                 f"{lay['tail_experts']} experts" if lay["block_rows"] else "compact, expert by expert (big blocks)")
+        rows.append((name, "rows", f"C={lay['block_rows']}", "", "", "", split, "", "pad <= 5%"))
+    d = results["decode"]
+    hf = f"{d['best_hf_over_moelab']:.2f}x" if "best_hf_over_moelab" in d else "-"
+    rows.append((f"decode T={d['shape']['T']} (fine)", f"fwd, {d['experts_threads']} thread(s)",
+                 f"{d['moelab_ms']:.2f}", f"{d['floor_ms']:.2f}", f"{d['moelab_over_floor']:.2f}", "", "", hf,
+                 "<= 1.5 floor"))
+    rows.append((f"decode T={d['shape']['T']} (fine)", "fwd, all threads", f"{d['moelab_all_threads_ms']:.2f}",
+                 f"{d['floor_ms']:.2f}", f"{d['moelab_all_threads_over_floor']:.2f}", "", "", "", ""))
+    return rows
+
+
 def print_table(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
-    t = Table(title=f"moelab MoE layer, fp32, {results['threads']} threads ({results['date']})")
-    for col in ("shape", "mode", "moelab ms", "dense-eq ms", "moelab / dense", "best HF / moelab", "target"):
+    load = f"load {results['loadavg_1min_start']:.1f} -> {results['loadavg_1min_end']:.1f}"
+    t = Table(title=f"moelab MoE layer, fp32, {results['threads']} threads ({results['date']}, {load})")
+    for col in COLUMNS:
         t.add_column(col, justify="right")
-    for s in results["shapes"]:
-        for mode, target in (("fwd", "<=1.05 | >=1.2x"), ("fwd_bwd", "<=1.1 | >=1.2x")):
-            r = s[mode]
-            hf = f"{r['best_hf_over_moelab']:.2f}x" if "best_hf_over_moelab" in r else "-"
-            t.add_row(s["shape"]["name"], mode, f"{r['moelab_ms']:.1f}", f"{r['dense_ms']:.1f}",
-                      f"{r['moelab_over_dense']:.2f}", hf, target)
-        t.add_row(s["shape"]["name"], "peak mem", f"{s['peak_mem_fwd_bwd_bytes']['moelab'] / 2**20:.0f} MiB",
-                  f"{s['peak_mem_fwd_bwd_bytes']['dense'] / 2**20:.0f} MiB",
-                  f"{s['peak_mem_moelab_over_dense']:.2f}", "-", "<=1.3")
-        t.add_row(s["shape"]["name"], "mem - w grads", "", "", f"{s['peak_act_mem_moelab_over_dense']:.2f}", "-",
-                  "<=1.3")
-    d = results["decode"]
-    hf = f"{d['best_hf_over_moelab']:.2f}x" if "best_hf_over_moelab" in d else "-"
-    t.add_row("decode", f"T={d['shape']['T']}", f"{d['moelab_ms']:.2f}", f"floor {d['floor_ms']:.2f}",
-              f"{d['moelab_over_floor']:.2f}", hf, "<=2 vs floor")
-    Console(width=120).print(t)
+    for row in table_rows(results):
+        t.add_row(*row)
+    Console(width=160).print(t)
 
 
 def to_markdown(results: dict) -> str:
-    """The same numbers as a markdown table (what the README shows)."""
-    rows = ["| shape | mode | moelab ms | baseline ms | moelab / baseline | best HF / moelab | target |",
-            "|---|---|---|---|---|---|---|"]
-    for s in results["shapes"]:
-        name = s["shape"]["name"]
-        for mode, target in (("fwd", "<= 1.05, HF >= 1.2x"), ("fwd_bwd", "<= 1.1, HF >= 1.2x")):
-            r = s[mode]
-            hf = f"{r['best_hf_over_moelab']:.2f}x" if "best_hf_over_moelab" in r else "-"
-            rows.append(f"| {name} | {mode} | {r['moelab_ms']:.1f} | dense-eq {r['dense_ms']:.1f} | "
-                        f"{r['moelab_over_dense']:.2f} | {hf} | {target} |")
-        m = s["peak_mem_fwd_bwd_bytes"]
-        rows.append(f"| {name} | peak mem fwd+bwd | {m['moelab'] / 2**20:.0f} MiB | dense-eq {m['dense'] / 2**20:.0f} MiB"
-                    f" | {s['peak_mem_moelab_over_dense']:.2f} | - | <= 1.3 |")
-        rows.append(f"| {name} | same, less weight grads | | | {s['peak_act_mem_moelab_over_dense']:.2f} | - | <= 1.3 |")
-    d = results["decode"]
-    hf = f"{d['best_hf_over_moelab']:.2f}x" if "best_hf_over_moelab" in d else "-"
-    rows.append(f"| decode T={d['shape']['T']} | fwd | {d['moelab_ms']:.2f} | floor {d['floor_ms']:.2f} | "
-                f"{d['moelab_over_floor']:.2f} | {hf} | <= 2 |")
-    return "\n".join(rows)
+    """The same numbers as a markdown table (what docs/speed.md shows)."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in table_rows(results)])
 
 
 def run(*, quick: bool = False, rounds: int = 15, budget_s: float = 200.0, impl: str = "grouped",
-        out: str | None = None, hf: bool = True, prof: bool = False) -> dict:
+        out: str | None = None, hf: bool = True, prof: bool = False, compiled: bool = False) -> dict:
     """Runs every measurement, prints the table, writes the JSON; returns the results dict.
     `budget_s` is the timing budget of the whole run (each measurement stops early past its share; at least
     3 rounds each); warm-up and the memory profiles come on top."""
@@ -313,10 +408,11 @@ def run(*, quick: bool = False, rounds: int = 15, budget_s: float = 200.0, impl:
     results = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "threads": 2, "dtype": "float32",
                "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}",
                "impl": impl, "quick": quick, "loadavg_1min_start": os.getloadavg()[0],
-               "shapes": [bench_shape(s, rounds, share, impl, with_hf, prof) for s in shapes],
+               "shapes": [bench_shape(s, rounds, share, impl, with_hf, prof, compiled) for s in shapes],
                "decode": bench_decode(decode, 3 * rounds, share, impl, with_hf, 8 if quick else 320)}
     results["wall_s"] = time.perf_counter() - t0
     results["loadavg_1min_end"] = os.getloadavg()[0]  # other processes on the 2 cores while we measured
+    results["noisy"] = max(results["loadavg_1min_start"], results["loadavg_1min_end"]) > 1.5
     print_table(results)
     print(to_markdown(results))
     for s in results["shapes"] if prof else ():
@@ -340,10 +436,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "current folder)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     p.add_argument("--profile", action="store_true", help="also record the top ops of moelab and dense (torch.profiler)")
+    p.add_argument("--compile", action="store_true", help="also time the layer under torch.compile (inductor; "
+                   "compiling takes minutes)")
 
 
 def run_args(a: argparse.Namespace) -> int:
-    run(quick=a.quick, rounds=a.rounds, budget_s=a.budget, impl=a.impl, out=a.out, hf=not a.no_hf, prof=a.profile)
+    run(quick=a.quick, rounds=a.rounds, budget_s=a.budget, impl=a.impl, out=a.out, hf=not a.no_hf, prof=a.profile,
+        compiled=a.compile)
     return 0
 
 

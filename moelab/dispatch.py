@@ -2,8 +2,10 @@
 
 T=tokens, K=slots per token, D=d_model, E=experts, R=dispatched rows (kept slots sorted by expert, + padding).
 A dispatcher has two calls: dispatch(x_TD, expert_idx_TK, weight_TK, pads) -> (x_RD, counts_E, plan) and
-combine(y_RD, plan) -> y_TD; plan.tokens_E counts the real rows per expert. `pads(C, R, E) -> bool` (the
-experts path's padding rule, experts.ExpertsPath.pads) says whether to pad every expert to C rows.
+combine(y_RD, plan) -> y_TD; plan.tokens_E counts the real rows per expert. `pads(counts_E) -> C` (the
+experts path's layout rule, experts.ExpertsPath.block_rows) gives the rows C every expert gets in an equal
+block part (padded when it has fewer; its rows past C go to a compact tail); 0 = compact rows; a dispatcher
+may ignore it (plan.block_rows then stays 0).
 `parallel.py` implements the same interface over all-to-all.
 """
 from __future__ import annotations
@@ -17,47 +19,61 @@ from torch import Tensor
 
 
 class DispatchPlan(NamedTuple):
-    """Where every row of x_RD came from. Rows are grouped by expert; with padding, every expert has C rows
-    and the padding rows (token 0, weight 0) are computed but never combined."""
+    """Where every row of x_RD came from. Rows are grouped by expert; in the blocked layout (block_rows C > 0)
+    the first C rows of every expert sit at e*C.. (padded with rows of token 0, weight 0, computed but never
+    combined), the rows past C in a compact tail after the E*C block rows, in expert order."""
     token_R: Tensor     # source token of each sorted row
     weight_R: Tensor    # combine weight of each sorted row (0 on padding rows)
-    counts_E: Tensor    # rows per expert (long), in expert order (padding rows included)
+    counts_E: Tensor    # real rows per expert (long), in expert order
     n_tokens: int       # T, rows of the combined output
     row_TK: Tensor | None = None     # row of x_RD holding each (token, slot), -1 = dropped (gather-only paths)
     weight_TK: Tensor | None = None  # combine weight per (token, slot), the tensor the gradient flows to
-    tokens_E: Tensor | None = None   # real rows per expert (long), before padding
+    tokens_E: Tensor | None = None   # real rows per expert (long), the same as counts_E
+    block_rows: int = 0              # C: rows every expert has in the equal block part (0 = compact rows)
 
 
-PadRule = Callable[[int, int, int], bool]  # (C largest count, R rows, E experts) -> pad to E*C rows?
+BlockRule = Callable[[Tensor], int]  # counts_E -> C, rows per expert in the equal block part (0 = compact)
 
 
-def sort_plan(expert_idx_TK: Tensor, weight_TK: Tensor, n_experts: int, pads: PadRule | None = None) -> DispatchPlan:
-    """Stable sort of the flat slots by expert; slots with expert -1 are left out. When `pads(C, R, E)` says so,
-    every expert is padded to the largest count C (equal blocks: one batched GEMM)."""
+def block_layout(e_R: Tensor, counts_E: Tensor, C: int) -> tuple[Tensor, int]:
+    """Blocked layout of rows sorted by expert (e_R: expert of each row): the j-th row of expert e goes to
+    e*C + j when j < C, else to the compact tail after the E*C block rows. Returns (row_R, rows in the layout)."""
+    E = counts_E.numel()
+    start_E = torch.cumsum(counts_E, 0) - counts_E
+    j_R = torch.arange(e_R.numel(), device=e_R.device) - start_E.index_select(0, e_R)
+    over_E = (counts_E - C).clamp_min(0)
+    tail_E = torch.cumsum(over_E, 0) - over_E + E * C
+    row_R = torch.where(j_R < C, e_R * C + j_R, tail_E.index_select(0, e_R) + (j_R - C))
+    return row_R, E * C + int(over_E.sum())
+
+
+def sort_plan(expert_idx_TK: Tensor, weight_TK: Tensor, n_experts: int,
+              block_rows: BlockRule | None = None) -> DispatchPlan:
+    """Stable sort of the flat slots by expert; slots with expert -1 are left out. When `block_rows(counts_E)`
+    gives C > 0, the rows go to the blocked layout (`block_layout`): an equal part, one batched GEMM, and a
+    compact tail."""
     T, K = expert_idx_TK.shape
     E = n_experts
     flat_idx = expert_idx_TK.reshape(-1)
     key = torch.where(flat_idx >= 0, flat_idx, E)       # dropped slots sort last
     order = torch.argsort(key, stable=True)
     counts_all = torch.bincount(key, minlength=E + 1)
-    tokens_E = counts_E = counts_all[:E]
+    counts_E = counts_all[:E]
     R = T * K - int(counts_all[E])                      # the one host sync of the plan
     slot_R = order[:R]
     row_TK = torch.full((T * K,), -1, dtype=torch.long, device=flat_idx.device)
-    C = int(counts_E.max()) if R and pads is not None else 0
-    if C and pads(C, R, E):
+    C = block_rows(counts_E) if R and block_rows is not None else 0
+    if C:
         e_R = key.index_select(0, slot_R)  # index_select, not x[idx]: no parallel region on a busy CPU
-        start_E = torch.cumsum(counts_E, 0) - counts_E
-        row_R = torch.arange(R, device=slot_R.device) + (e_R * C - start_E.index_select(0, e_R))
-        token_R = slot_R.new_zeros(E * C).index_copy_(0, row_R, slot_R // K)
-        weight_R = weight_TK.new_zeros(E * C).index_copy(0, row_R,
-                                                         weight_TK.reshape(-1).index_select(0, slot_R))
-        counts_E = torch.full_like(counts_E, C)
+        row_R, n_rows = block_layout(e_R, counts_E, C)
+        token_R = slot_R.new_zeros(n_rows).index_copy_(0, row_R, slot_R // K)
+        weight_R = weight_TK.new_zeros(n_rows).index_copy(0, row_R,
+                                                          weight_TK.reshape(-1).index_select(0, slot_R))
     else:
         row_R = torch.arange(R, device=slot_R.device)
         token_R, weight_R = slot_R // K, weight_TK.reshape(-1).index_select(0, slot_R)
     row_TK = row_TK.index_copy_(0, slot_R, row_R).view(T, K)
-    return DispatchPlan(token_R, weight_R, counts_E, T, row_TK, weight_TK, tokens_E)
+    return DispatchPlan(token_R, weight_R, counts_E, T, row_TK, weight_TK, counts_E, C)
 
 
 class _Permute(torch.autograd.Function):
@@ -134,13 +150,13 @@ def unpermute_scatter(y_RD: Tensor, plan: DispatchPlan) -> Tensor:
 
 
 class LocalDispatcher:
-    """Single-process dispatcher: every expert lives here; rows sorted by expert, padded when `pads` says so."""
+    """Single-process dispatcher: every expert lives here; rows sorted by expert, blocked when `pads` says so."""
 
     def __init__(self, n_experts: int):
         self.n_experts = n_experts
 
     def dispatch(self, x_TD: Tensor, expert_idx_TK: Tensor, weight_TK: Tensor,
-                 pads: PadRule | None = None) -> tuple[Tensor, Tensor, DispatchPlan]:
+                 pads: BlockRule | None = None) -> tuple[Tensor, Tensor, DispatchPlan]:
         plan = sort_plan(expert_idx_TK, weight_TK, self.n_experts, pads)
         return permute(x_TD, plan), plan.counts_E, plan
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moelab.experts import ExpertsPath, ExpertTensors, RoutedExperts, activate
+from moelab.expert_kernels import ExpertTensors, activate
+from moelab.experts import ExpertsPath, RoutedExperts, WrappedPath
 
 NAME = "moelab"                      # the experts_implementation this module registers
 _ATTR = "_moelab_routed_experts"     # per-module cache of the RoutedExperts (a plain attribute, not a child)
@@ -100,18 +101,16 @@ class HFExpertsWeights:
         return m.act_fn(gate_RF) * up_RF
 
 
-class _PostNormPath:
+class _PostNormPath(WrappedPath):
     """An ExpertsPath whose rows go through the module's post_expert_norm after the down projection (before the
     routing weights), as transformers' `has_post_expert_norm` asks."""
 
     def __init__(self, path: ExpertsPath, norm: nn.Module):
-        self.inner, self.norm, self.impl = path, norm, path.impl
+        super().__init__(path)
+        self.norm = norm
 
-    def pads(self, **kw) -> bool:
-        return self.inner.pads(**kw)
-
-    def run(self, x_RD: Tensor, counts_E: Tensor, weights) -> Tensor:
-        return self.norm(self.inner.run(x_RD, counts_E, weights))
+    def run(self, x_RD: Tensor, counts_E: Tensor, weights, block_rows: int = 0) -> Tensor:
+        return self.norm(self.inner.run(x_RD, counts_E, weights, block_rows))
 
 
 def routed_experts_of(module: nn.Module) -> RoutedExperts:

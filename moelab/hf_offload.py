@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moelab.experts import ExpertTensors, RoutedExperts
+from moelab.expert_kernels import ExpertTensors
+from moelab.experts import RoutedExperts
 from moelab.offload_store import ExpertStore, attach, parse_cache_experts, trim_heap
 
 # per-expert tensor names (gate, up, down) as checkpoints store them; a table, not model-name branches

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from moelab.experts import Experts, ExpertsPath, ExpertTensors, activate
+from moelab.expert_kernels import ExpertTensors, activate
+from moelab.experts import Experts, ExpertsPath, WrappedPath
 from moelab.offload_policies import EVICTIONS
 
 ONLINE = ("lru", "lfu", "fifo", "least-stale")  # eviction policies usable without the future (not belady/static)
@@ -243,21 +244,16 @@ class OffloadedExperts:
         return self.store.get(self.layer, e)
 
 
-class _OffloadPath:
+class _OffloadPath(WrappedPath):
     """The sparse kernel, told first which experts the call needs (one cache request per call)."""
 
-    impl = "sparse"
-
     def __init__(self):
-        self.inner = ExpertsPath("sparse")
+        super().__init__(ExpertsPath("sparse"))
 
-    def pads(self, **kw) -> bool:
-        return False
-
-    def run(self, x_RD: Tensor, counts_E: Tensor, weights: OffloadedExperts) -> Tensor:
+    def run(self, x_RD: Tensor, counts_E: Tensor, weights: OffloadedExperts, block_rows: int = 0) -> Tensor:
         experts = torch.nonzero(counts_E).flatten().tolist()
         weights.store.request(weights.layer, experts, x_RD)
-        return self.inner.run(x_RD, counts_E, weights)
+        return self.inner.run(x_RD, counts_E, weights, block_rows)
 
 
 def attach(routed: nn.Module, store: ExpertStore, layer: int, act) -> None:

@@ -18,10 +18,9 @@ from moelab.compress import (
     routing_similarity,
     routing_stats,
 )
-from moelab.config import MoEConfig
+from moelab.config import ModelConfig, MoEConfig
 from moelab.data import Batch
-from moelab.experts import ExpertTensors, activate, mlp
-from moelab.config import ModelConfig
+from moelab.expert_kernels import ExpertTensors, activate, mlp
 from moelab.model import MoELM
 
 
@@ -129,8 +128,8 @@ def test_cli_compress_writes_a_loadable_smaller_run(tmp_path, capsys):
     import argparse
     from dataclasses import asdict
 
-    from moelab.cli_lora import register, save_run
     from moelab.checkpoint import load_model
+    from moelab.cli_lora import register, save_run
     from moelab.config import TrainConfig
     data = tmp_path / "data"
     for dom in ("a", "b"):

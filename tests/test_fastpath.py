@@ -7,23 +7,23 @@ from moelab import bench
 from moelab.config import MoEConfig
 from moelab.dispatch import (
     LocalDispatcher,
+    block_layout,
     experts_reference_forward,
     permute,
     sort_plan,
     unpermute,
     unpermute_scatter,
 )
-from moelab.experts import (
+from moelab.expert_kernels import (
     EXPERT_IMPLS,
-    Experts,
-    ExpertsPath,
-    RoutedExperts,
     activate,
+    experts_blocked,
     experts_loop,
     experts_padded,
     grouped_mm_available,
     swiglu_reference,
 )
+from moelab.experts import Experts, ExpertsPath, RoutedExperts
 from moelab.moe import MoELayer
 from moelab.routers import Routing, apply_capacity
 
@@ -64,6 +64,32 @@ def test_expert_impls_match_loop(impl, E, D, F, R, n_empty, act):
         torch.testing.assert_close(a, b, **TOL)
 
 
+@pytest.mark.parametrize("C_of", ["min", "median", "max", "one"])
+@pytest.mark.parametrize("E,D,F,R,n_empty,act", EXPERT_CASES)
+def test_blocked_equal_part_and_tail_match_loop(C_of, E, D, F, R, n_empty, act):
+    """Equal part of C rows per expert (padded) + ragged tail, from compact rows and from the dispatcher's
+    blocked layout: forward and every gradient equal the loop."""
+    gen = torch.Generator().manual_seed(E * 10 + R)
+    counts_E = _counts(R, E, n_empty, gen)
+    C = {"min": int(counts_E.min()), "median": int(counts_E.median()), "max": int(counts_E.max()), "one": 1}[C_of]
+    if C == 0:
+        C = 1
+    experts = Experts(E, D, F, act)
+    x_RD = torch.randn(R, D, generator=gen, requires_grad=True)
+    params = [x_RD, experts.w_up_EDG, experts.w_down_EFD]
+    want = experts_loop(x_RD, counts_E, experts)
+    got = experts_blocked(x_RD, counts_E, experts, C, compact=True)
+    pos_R, n_rows = block_layout(torch.repeat_interleave(torch.arange(E), counts_E), counts_E, C)
+    assert n_rows == E * C + int((counts_E - C).clamp_min(0).sum()) and len(set(pos_R.tolist())) == R
+    x_blocked = x_RD.new_zeros(n_rows, D).index_copy(0, pos_R, x_RD)  # what the dispatcher hands over
+    got_blocked = experts_blocked(x_blocked, counts_E, experts, C).index_select(0, pos_R)
+    want_grads = _grads(want, params)
+    for y in (got, got_blocked):
+        torch.testing.assert_close(y, want, **TOL)
+        for a, b in zip(_grads(y, params), want_grads):
+            torch.testing.assert_close(a, b, **TOL)
+
+
 @pytest.mark.parametrize("block_bytes", [0, 1 << 40])
 def test_padded_equal_blocks_expert_by_expert_or_batched(block_bytes):
     """Equal blocks (a padded dispatch) run as one bmm (huge block_bytes) or expert by expert (0): both = loop."""
@@ -93,14 +119,37 @@ def test_grouped_big_blocks_and_dispatcher_row_limit(block_bytes):
     routed = RoutedExperts(experts, path)
     disp = LocalDispatcher(E)
     x_RD, counts_E, plan = disp.dispatch(x_TD, routing.expert_idx_TK, routing.weight_TK,
-                                         lambda C, R, E: path.pads(C=C, R=R, E=E, G=2 * F, itemsize=4))
+                                         lambda c: path.block_rows(c, G=2 * F, itemsize=4))
     assert (x_RD.shape[0] == T * K) == (block_bytes == 0)  # padded only when blocks are small
-    assert path.kernel(x_RD, counts_E, experts) == ("sparse" if block_bytes == 0 else "padded")
+    assert (plan.block_rows == 0) == (block_bytes == 0)
+    compact_RD = torch.zeros(T * K, D)
+    assert path.kernel(compact_RD, counts_E, experts) == ("sparse" if block_bytes == 0 else "blocked")
     got = routed(x_TD, routing.expert_idx_TK, routing.weight_TK).y_TD
     want = experts_reference_forward(x_TD, routing.expert_idx_TK, routing.weight_TK, routed.expert_fn, E)
     torch.testing.assert_close(got, want, **TOL)
     for a, b in zip(_grads(got, params), _grads(want, params)):
         torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("max_padding", [0.0, 0.05, 0.3])
+def test_best_block_rows_is_the_brute_force_argmin(seed, max_padding):
+    """The rule's C minimises E*C + 1.5 * tail rows + 24 * experts with a tail over every integer C, within the
+    padding budget (loads from uniform to Zipf-like, empty experts included)."""
+    gen = torch.Generator().manual_seed(seed)
+    E = int(torch.randint(2, 40, (1,), generator=gen))
+    probs = torch.arange(1, E + 1, dtype=torch.float64) ** -(seed / 4)
+    counts_E = torch.bincount(torch.multinomial(probs, 50 * E, replacement=True, generator=gen), minlength=E)
+    path = ExpertsPath("grouped", max_padding=max_padding)
+    got = path.block_rows(counts_E, G=8, itemsize=4)
+    c = counts_E.tolist()
+
+    def cost(C):
+        over = [max(x - C, 0) for x in c]
+        return E * C + 1.5 * sum(over) + 24 * sum(o > 0 for o in over)
+
+    feasible = [C for C in range(max(c) + 1) if sum(max(C - x, 0) for x in c) <= max_padding * sum(c)]
+    assert got in feasible and cost(got) == min(cost(C) for C in feasible)
 
 
 def test_alignment_rule_decides_fallback():
@@ -140,12 +189,12 @@ class _Transposed:
         return activate(h_RG, "swiglu")
 
     def stacked(self):
-        from moelab.experts import ExpertTensors
+        from moelab.expert_kernels import ExpertTensors
         return ExpertTensors(self.gate_up_EGD.transpose(1, 2), self.down_EDF.transpose(1, 2), self.b_up_EG,
                              self.b_down_ED)
 
     def expert(self, e):
-        from moelab.experts import ExpertTensors
+        from moelab.expert_kernels import ExpertTensors
         w = self.stacked()
         return ExpertTensors(*(None if t is None else t[e] for t in w))
 
@@ -196,13 +245,14 @@ def test_dispatch_experts_combine_match_reference(impl, max_padding, T, E, K, D,
     want = experts_reference_forward(x_TD, routing.expert_idx_TK, routing.weight_TK, routed.expert_fn, E)
     path = ExpertsPath("grouped", max_padding=max_padding)
     x_RD, counts_E, plan = LocalDispatcher(E).dispatch(
-        x_TD, routing.expert_idx_TK, routing.weight_TK, lambda C, R, E: path.pads(C=C, R=R, E=E, G=2 * F, itemsize=4))
+        x_TD, routing.expert_idx_TK, routing.weight_TK, lambda c: path.block_rows(c, G=2 * F, itemsize=4))
     n_kept = int((routing.expert_idx_TK >= 0).sum())
-    assert int(counts_E.sum()) == x_RD.shape[0] and (x_RD.shape[0] == n_kept if max_padding == 0 else True)
+    C = plan.block_rows
+    assert x_RD.shape[0] == E * C + int((counts_E - C).clamp_min(0).sum()) and int(counts_E.sum()) == n_kept
+    n_pad = x_RD.shape[0] - n_kept
+    assert n_pad <= max_padding * n_kept  # the padding budget holds (0: no padding row at all)
     assert plan.tokens_E.tolist() == torch.bincount(routing.expert_idx_TK[routing.expert_idx_TK >= 0],
                                                     minlength=E).tolist()
-    if max_padding == 10.0 and n_kept:
-        assert counts_E.min() == counts_E.max() and x_RD.shape[0] >= n_kept
     out = routed(x_TD, routing.expert_idx_TK, routing.weight_TK)
     assert torch.equal(out.counts_E, plan.tokens_E)
     got = out.y_TD
@@ -224,14 +274,18 @@ def test_swiglu_function_matches_autograd_formula(shape, transposed):
         torch.testing.assert_close(activate(h, "swiglu"), want, **TOL)
 
 
-@pytest.mark.parametrize("max_padding", [0.0, 10.0])
+BLOCK_RULES = {"compact": None, "pad_to_max": lambda c: int(c.max()),
+               "split_at_median": lambda c: int(c.float().median()), "one_row": lambda c: 1}
+
+
+@pytest.mark.parametrize("rule", BLOCK_RULES)
 @pytest.mark.parametrize("T,E,K,drop", [(20, 6, 2, 0.0), (11, 4, 3, 0.4), (1, 3, 3, 0.0), (4, 4, 1, 1.0)])
-def test_gather_unpermute_matches_scatter_twin(max_padding, T, E, K, drop):
+def test_gather_unpermute_matches_scatter_twin(rule, T, E, K, drop):
     """The gather + batched-GEMM combine and its backward equal the weighted scatter-add (index_add) twin,
-    including everything dropped."""
+    in every layout (compact, padded to the largest count, equal part + tail), including everything dropped."""
     gen = torch.Generator().manual_seed(T + K)
     routing = _random_routing(T, E, K, gen, drop)
-    plan = sort_plan(routing.expert_idx_TK, routing.weight_TK, E, lambda C, R, E: E * C <= (1 + max_padding) * R)
+    plan = sort_plan(routing.expert_idx_TK, routing.weight_TK, E, BLOCK_RULES[rule])
     x_TD = torch.randn(T, 5, generator=gen, requires_grad=True)
     got = unpermute(permute(x_TD, plan) * 2.0 + 1.0, plan)
     want = unpermute_scatter(permute(x_TD, plan) * 2.0 + 1.0, plan)
@@ -312,3 +366,27 @@ def test_bench_quick_writes_json(tmp_path):
         assert s["fwd"]["moelab_over_dense"] > 0 and s["fwd_bwd"]["moelab_over_dense"] > 0
         assert s["peak_mem_fwd_bwd_bytes"]["moelab"] > 0
     assert res["decode"]["floor_ms"] > 0 and res["decode"]["experts_touched"] >= 1
+
+
+@pytest.mark.parametrize("regather", [True, False])
+def test_regathered_rows_give_the_same_gradients(regather):
+    """Backward that gathers the dispatched rows again from x_TD (nothing R x D kept) equals the reference;
+    the hook really replaces the saved rows (the packed objects are views' descriptions, not tensors)."""
+    from moelab.experts import regather_saved_rows
+    gen = torch.Generator().manual_seed(11)
+    T, E, K, D, F = 40, 6, 2, 16, 12
+    routing = _random_routing(T, E, K, gen)
+    experts = Experts(E, D, F)
+    x_TD = torch.randn(T, D, generator=gen, requires_grad=True)
+    params = [x_TD, routing.weight_TK, experts.w_up_EDG, experts.w_down_EFD]
+    routed = RoutedExperts(experts, ExpertsPath("grouped", regather=regather))
+    got = routed(x_TD, routing.expert_idx_TK, routing.weight_TK).y_TD
+    want = experts_reference_forward(x_TD, routing.expert_idx_TK, routing.weight_TK, routed.expert_fn, E)
+    torch.testing.assert_close(got, want, **TOL)
+    for a, b in zip(_grads(got, params), _grads(want, params)):
+        torch.testing.assert_close(a, b, **TOL)
+    x_RD = x_TD.detach().mul(2.0)  # not x_TD[token_R]: the gradient shows which rows backward read
+    with regather_saved_rows(x_TD, torch.arange(T), x_RD):
+        y = x_RD[:8] @ experts.w_up_EDG[0]
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), experts.w_up_EDG)[0][0],
+                               x_TD[:8].sum(0, keepdim=True).t().expand(D, 2 * F).detach(), **TOL)

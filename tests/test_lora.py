@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from moelab.config import MoEConfig
+from moelab.config import ModelConfig, MoEConfig
 from moelab.lora import (
     LoRAConfig,
     attach_lora_experts,
@@ -21,7 +21,6 @@ from moelab.lora import (
     save_lora,
     update_lora_biases,
 )
-from moelab.config import ModelConfig
 from moelab.model import MoELM
 
 
@@ -304,8 +303,8 @@ def test_cli_lora_merge(tmp_path):
     import argparse
     from dataclasses import asdict
 
-    from moelab.cli_lora import register, save_run
     from moelab.checkpoint import load_model
+    from moelab.cli_lora import register, save_run
     from moelab.config import TrainConfig
     base = tiny_model()
     save_run(base, {"train_config": asdict(TrainConfig(seq_len=8)), "step": 3, "domains": ["code"]}, tmp_path / "run")
