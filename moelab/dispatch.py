@@ -96,7 +96,7 @@ class _Permute(torch.autograd.Function):
 
 
 class _Unpermute(torch.autograd.Function):
-    """y_TD = sum_k w_TK * y_RD[row_TK] in one fused weighted gather-sum (embedding_bag: ~10x faster than
+    """y_TD = sum_k w_TK * y_RD[row_TK] in one fused weighted gather-sum (embedding_bag: faster than
     gather + batched GEMM, no (T,K,D) temporary); backward: each row's gradient is its token's gradient times
     its weight (one gather, no scatter), the weight gradient a row-vector bmm against the gathered rows."""
 
@@ -122,7 +122,7 @@ class _Unpermute(torch.autograd.Function):
                 g_w = torch.zeros_like(w_TK)
             else:
                 y_TKD = y_RD.index_select(0, row_TK.clamp_min(0).reshape(-1)).view(T, K, D)
-                # (T,1,D) @ (T,D,K): a row vector per batch; (T,K,D) @ (T,D,1) is 2x slower (per-batch clones)
+                # (T,1,D) @ (T,D,K): a row vector per batch; (T,K,D) @ (T,D,1) would clone per batch
                 g_w = torch.bmm(g_TD.unsqueeze(1), y_TKD.transpose(1, 2)).squeeze(1).masked_fill_(row_TK < 0, 0.0)
             g_w = g_w.to(ctx.weight_dtype)
         return g_y, g_w, None, None, None
