@@ -145,13 +145,13 @@ def best_block_rows(c_E: Tensor, budget: float, tail_row_cost: float, tail_exper
     largest C within the budget. c_E: float64 counts on the CPU."""
     E = c_E.numel()
     c = torch.sort(c_E).values
-    below = torch.arange(E, dtype=c.dtype)                          # experts strictly below c[i] (ties aside)
+    below = torch.arange(E, dtype=c.dtype, device=c.device)         # experts strictly below c[i] (ties aside)
     pad_i = below * c - (torch.cumsum(c, 0) - c)                    # padding rows at C = c[i]
     ok = pad_i <= budget
     i = int(ok.nonzero().max())
     c_hi = float(c[i + 1]) if i + 1 < E else float(c[i])
     c_budget = min(float(c[i]) + (budget - float(pad_i[i])) // (i + 1), c_hi)
-    cand = torch.cat([c[ok], torch.tensor([c_budget, 0.0], dtype=c.dtype)]).unique()
+    cand = torch.cat([c[ok], torch.tensor([c_budget, 0.0], dtype=c.dtype, device=c.device)]).unique()
     over = (c.unsqueeze(0) - cand.unsqueeze(1)).clamp_min(0)        # (candidates, E)
     pad = (cand.unsqueeze(1) - c.unsqueeze(0)).clamp_min(0).sum(1)
     cost = E * cand + tail_row_cost * over.sum(1) + tail_expert_cost * (over > 0).sum(1)

@@ -228,7 +228,7 @@ def _rebalance_worker(rank, world, model_cfg, cfg, out, placements):
         dist.barrier()
         if rank == 0:
             merge_ep_run(f"{out}/{name}")
-    # resume the moving run from its step-4 checkpoint (saved after two moves) into a fresh trainer
+    # resume the moving run from its step-4 checkpoint (saved after the step-2 move) into a fresh trainer
     t = EPTrainer(model_cfg, cfg, f"{out}/resumed", placement=placements, rebalance=rb)
     t.load_checkpoint(list_checkpoints(f"{out}/moving/rank{rank}")[0])
     res["resumed"] = [t.train_step()["loss"] for _ in range(t.step, cfg.steps)]
@@ -254,8 +254,8 @@ def test_rebalancer_moves_experts_and_training_continues_exactly(tmp_path):
         assert max(abs(a - b) for a, b in zip(r["moving"][4:], r["resumed"])) < 1e-5, (r["moving"], r["resumed"])
         assert r["static_moves"] == []
         assert [m["step"] for m in r["moving_moves"]] == [2, 4, 6]
-    moves = res[0]["moving_moves"]
-    assert any(moves[0]["moved"]) and any(moves[1]["moved"]) and moves[1]["moved_bytes"] > 0
+    moves = res[0]["moving_moves"]  # the step-2 re-fit moves experts before the step-4 checkpoint is written
+    assert any(moves[0]["moved"]) and moves[0]["moved_bytes"] > 0
     for m in moves:
         assert all(a >= b for a, b in zip(m["balancedness_after"], m["balancedness_before"]))
     assert res[0]["moving_moves"] == res[1]["moving_moves"]  # every rank made the same decisions
