@@ -147,12 +147,18 @@ def _qwen3_from_hf(hf: dict) -> ModelConfig:
 
 
 # ---- glm4_moe ---------------------------------------------------------------------------------------
-def _glm_check(cfg: ModelConfig) -> None:
+def _sigmoid_group_check(arch: str, cfg: ModelConfig) -> None:
+    """What glm4_moe and dots1 share: DeepSeek-V3 routing, all MoE after the first dense layers, and shared
+    experts as a whole number of routed-expert widths."""
     m = cfg.moe
-    _check_common("glm4_moe", cfg, ("sigmoid_group",))
-    _need(cfg.moe_every == 1, "glm4_moe", "moe_every", cfg.moe_every, "1 (after the first dense layers, all MoE)")
-    _need(m.d_shared_total % m.d_expert == 0, "glm4_moe", "moe.d_shared", m.d_shared,
+    _check_common(arch, cfg, ("sigmoid_group",))
+    _need(cfg.moe_every == 1, arch, "moe_every", cfg.moe_every, "1 (after the first dense layers, all MoE)")
+    _need(m.d_shared_total % m.d_expert == 0, arch, "moe.d_shared", m.d_shared,
           f"n_shared * d_shared a multiple of d_expert={m.d_expert} (shared width = n * moe_intermediate_size)")
+
+
+def _glm_check(cfg: ModelConfig) -> None:
+    _sigmoid_group_check("glm4_moe", cfg)
     _need(cfg.sliding_window is None, "glm4_moe", "sliding_window", cfg.sliding_window, "None")
 
 
@@ -185,11 +191,7 @@ def _glm_from_hf(hf: dict, arch: str = "glm4_moe", frac: float | None = None) ->
 
 # ---- dots1: the same routing with q/k norm always on, full RoPE, optional sliding window -----------------
 def _dots1_check(cfg: ModelConfig) -> None:
-    m = cfg.moe
-    _check_common("dots1", cfg, ("sigmoid_group",))
-    _need(cfg.moe_every == 1, "dots1", "moe_every", cfg.moe_every, "1 (after the first dense layers, all MoE)")
-    _need(m.d_shared_total % m.d_expert == 0, "dots1", "moe.d_shared", m.d_shared,
-          f"n_shared * d_shared a multiple of d_expert={m.d_expert}")
+    _sigmoid_group_check("dots1", cfg)
     _need(cfg.qk_norm, "dots1", "qk_norm", cfg.qk_norm, "True (its attention always RMS-normalises q and k)")
     _need(not cfg.qkv_bias, "dots1", "qkv_bias", cfg.qkv_bias, "False (its attention_bias also biases o_proj)")
     _need(cfg.rope_fraction == 1.0, "dots1", "rope_fraction", cfg.rope_fraction, "1.0 (RoPE on all head dims)")

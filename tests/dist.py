@@ -123,3 +123,13 @@ def train_side_by_side(ref, ep, *, rank: int, world: int, T: int, n_steps: int, 
             else:
                 opt.step()
                 layer.step()
+
+
+def text_domains(tmp_path):
+    """Two small text domains (a code file and the README) for a fast corpus in the EP training tests."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    for dom, src in (("code", "moelab/dispatch.py"), ("prose", "README.md")):
+        (tmp_path / dom).mkdir(exist_ok=True)
+        (tmp_path / dom / Path(src).name).write_text((root / src).read_text())
+    return tmp_path

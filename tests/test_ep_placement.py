@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from dist import run_distributed, train_side_by_side
+from dist import run_distributed, text_domains, train_side_by_side
 
 from moelab.config import MoEConfig
 from moelab.moe import MoELayer
@@ -198,15 +198,6 @@ def _tiny_lm():
     return ModelConfig(moe=moe, d_model=32, n_layers=2, n_heads=2, d_dense=64, max_seq_len=32)
 
 
-def _data_dir(tmp_path):
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    for dom, src in (("code", "moelab/dispatch.py"), ("prose", "README.md")):
-        (tmp_path / dom).mkdir(exist_ok=True)
-        (tmp_path / dom / Path(src).name).write_text((root / src).read_text())
-    return tmp_path
-
-
 def _rebalance_worker(rank, world, model_cfg, cfg, out, placements):
     from moelab.checkpoint import list_checkpoints
     from moelab.ep_train import EPTrainer, merge_ep_run
@@ -243,7 +234,7 @@ def test_rebalancer_moves_experts_and_training_continues_exactly(tmp_path):
     saved) with the same losses, and both runs merge into the same full model."""
     from moelab.checkpoint import load_model
     from moelab.config import TrainConfig
-    data = _data_dir(tmp_path)
+    data = text_domains(tmp_path)
     cfg = TrainConfig(steps=6, batch_size=2, seq_len=32, lr=1e-2, warmup=2, grad_clip=0.3,
                       data=(str(data / "code"), str(data / "prose")))
     start = [Placement.from_phy2log([0, 1, 3, 2, 3, 0], n_experts=4, world_size=2),

@@ -10,7 +10,7 @@ import datetime
 import pytest
 import torch
 import torch.distributed as dist
-from dist import run_distributed, train_side_by_side
+from dist import run_distributed, text_domains, train_side_by_side
 
 from moelab.config import MoEConfig
 from moelab.moe import MoELayer
@@ -226,7 +226,7 @@ def test_ep_layer_matches_single_process(world, tmp_path):
     from moelab.train import Trainer
     lm_run, want = None, None
     if world == 4:
-        model_cfg, cfg = _tiny_lm("global"), _train_cfg(_data_dir(tmp_path), steps=10)
+        model_cfg, cfg = _tiny_lm("global"), _train_cfg(text_domains(tmp_path), steps=10)
         ref = Trainer(model_cfg, cfg.replace(batch_size=cfg.batch_size * world), tmp_path / "ref", verbose=False)
         want = [ref.train_step()["loss"] for _ in range(cfg.steps)]
         lm_run = (model_cfg, cfg, str(tmp_path / "ep"), 2)
@@ -271,16 +271,6 @@ def test_placement_errors_before_any_collective(monkeypatch):
     assert Placement.contiguous(8, 2).rank_E == (0, 0, 0, 0, 1, 1, 1, 1)
     assert Placement.contiguous(7, 3).n_local() == [3, 2, 2]
     assert Placement.from_map({0: 1, 1: 0, 2: 1}, n_experts=3, world_size=2).order() == [1, 0, 2]
-
-
-def _data_dir(tmp_path):
-    """Two small text domains (a code file and the README) for a fast corpus."""
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    for dom, src in (("code", "moelab/dispatch.py"), ("prose", "README.md")):
-        (tmp_path / dom).mkdir(exist_ok=True)
-        (tmp_path / dom / Path(src).name).write_text((root / src).read_text())
-    return tmp_path
 
 
 def _tiny_lm(balance: str):
@@ -330,7 +320,7 @@ def test_ep_dp_training_matches_single_process(tmp_path):
 
     from moelab.checkpoint import load_model
     from moelab.train import Trainer
-    _data_dir(tmp_path)
+    text_domains(tmp_path)
     runs = [(_tiny_lm("global"), _train_cfg(tmp_path)),
             (_tiny_lm("loss_free"), _train_cfg(tmp_path, grad_accum=2))]
     world = 2
@@ -385,7 +375,7 @@ def test_cli_train_ep_spawns_and_merges(tmp_path, monkeypatch):
     from moelab.resolver import resolve
     from moelab.train import Trainer
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    data = _data_dir(tmp_path)
+    data = text_domains(tmp_path)
     args = ["train", "--nproc", "2", "--ep", "2", "--balance", "global", "--steps", "2", "--batch-size", "1", "--seq-len", "16",
             "--eval-every", "0", "--data", str(data / "code"), str(data / "prose"), "--out", str(tmp_path / "run")]
     assert main(args) == 0
