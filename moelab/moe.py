@@ -147,8 +147,7 @@ class MoELayer(nn.Module):
     def step(self, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
         """Once per optimizer step, after it: every router state steps (loss-free bias, ReMoE coefficient) and
         zeroes what it counted. `reduce` sums a tensor over data-parallel ranks (None: one process)."""
-        for s in self.state.values():
-            s.step(reduce)
+        step_all([self.state], reduce)
 
     def discard_observations(self) -> None:
         """Forget what the router states counted in this (failed) step."""
