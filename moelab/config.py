@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 ACTIVATIONS = ("swiglu", "gelu")
 SCORE_ORDERS = ("softmax_topk", "topk_softmax")
 BALANCES = ("aux", "seq", "global", "loss_free", "none")
-EXPERT_IMPLS = ("grouped", "loop", "grouped_mm", "padded", "sparse")  # experts.IMPLS: grouped = auto
+EXPERT_IMPLS = ("grouped", "loop", "grouped_mm", "padded", "sparse", "fused")  # experts.IMPLS: grouped = auto
 # keys of routers.ROUTERS (routers.py checks they agree; listed here so validation needs no import of it)
 ROUTER_NAMES = ("topk", "sigmoid_group", "expert_choice", "top_p", "relu", "hash", "random", "base", "adamoe", "moepp")
 
@@ -54,7 +54,7 @@ class MoEConfig:
     aux_loss_coef: float = 1e-2       # weight of the balance loss chosen by `balance`
     z_loss_coef: float = 0.0          # weight of the router z-loss (ST-MoE); 0 = off
     bias_update_rate: float = 1e-3    # loss_free: u in b_i += u * sign(mean_load - load_i)
-    expert_impl: str = "grouped"      # grouped (auto) | loop (reference) | grouped_mm | padded | sparse
+    expert_impl: str = "grouped"      # grouped (auto) | fused | loop (reference) | grouped_mm | padded | sparse
     ec_capacity_factor: float = 2.0   # expert_choice: each expert takes C = ceil(T * this / E) tokens
     ec_eval: str = "topk"             # expert_choice outside training: topk (causal fallback) | expert_choice
     top_p: float = 0.4                # top_p: keep the smallest set of experts whose probability sum >= top_p

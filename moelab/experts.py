@@ -14,8 +14,9 @@ An expert-weights provider is any object with
 offloaded store are others. Kernels (EXPERT_IMPLS) all equal the reference `experts_loop` (one matmul pair
 per expert): `experts_padded` (all padded to the largest count -> two bmm), `experts_grouped_mm`
 (torch._grouped_mm, 16-byte alignment rule), `experts_sparse` (only experts with rows), and the auto path's
-`experts_blocked` (an equal part of C rows per expert as bmm + a ragged tail, <= 5% padding rows);
-`ExpertsPath` picks among them and decides the dispatch layout (block rows C), with one set of constants.
+`experts_blocked` (an equal part of C rows per expert as bmm + a ragged tail, <= 5% padding rows), and
+`expert_pool.experts_fused` (per expert on worker threads; the auto path on a CPU, where it also gathers and
+combines the rows itself); `ExpertsPath` picks among them and decides the dispatch layout (block rows C), with one set of constants.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab.config import EXPERT_IMPLS as IMPLS  # grouped = auto (ExpertsPath.kernel)
-from moelab.dispatch import LocalDispatcher, experts_reference_forward
+from moelab.dispatch import LocalDispatcher, experts_reference_forward, sort_plan
 from moelab.expert_kernels import (
     EXPERT_IMPLS,
     ExpertTensors,
@@ -38,6 +39,7 @@ from moelab.expert_kernels import (
     grouped_mm_available,
     mlp,
 )
+from moelab.expert_pool import Gather, experts_fused, routed_fused
 
 
 @contextmanager
@@ -57,11 +59,13 @@ def scoped_threads(n: int) -> Iterator[None]:
 @dataclass(frozen=True)
 class ExpertsPath:
     """The one padding/path policy: which kernel runs the experts, and the rows C every expert gets in an equal
-    block part (two bmm; experts with fewer rows padded, rows past C in a ragged tail run expert by expert).
-    C minimises (block rows) + tail_row_cost * (tail rows) + tail_expert_cost * (experts with a tail), padding at
+    block part. On a CPU (eager, no autocast) auto = fused: each expert's rows gathered, through its MLP and
+    combined back, per expert on worker threads with no padding (expert_pool.py). Elsewhere (torch.compile,
+    autocast, accelerators) auto = blocked: an equal block part as two bmm (experts with fewer rows padded,
+    rows past C in a ragged tail run expert by expert). C minimises (block rows) + tail_row_cost * (tail rows) + tail_expert_cost * (experts with a tail), padding at
     most `max_padding` of the rows. Big per-expert blocks are GEMMs efficient on their own: never blocked, run
     expert by expert."""
-    impl: str = "grouped"            # grouped (auto) | loop | grouped_mm | padded | sparse
+    impl: str = "grouped"            # grouped (auto) | fused | loop | grouped_mm | padded | sparse
     max_padding: float = 0.05        # padding rows at most this share of the real rows
     block_bytes: int = 4 << 20       # an expert whose hidden block (C rows x G) reaches this runs on its own
     tail_row_cost: float = 1.5       # a tail row (small per-expert GEMM) costs this many block rows
@@ -90,6 +94,14 @@ class ExpertsPath:
             return C_max if (C_max - c_E).sum() <= budget else 0
         return best_block_rows(c_E, budget, self.tail_row_cost, self.tail_expert_cost)
 
+    def fuses(self, x_TD: Tensor, weights) -> bool:
+        """True when dispatch, experts and combine run as one fused kernel (`expert_pool.routed_fused`: each
+        expert's rows gathered, through its MLP and back, per expert on worker threads): impl fused, or auto
+        (grouped) on a CPU outside torch.compile and autocast, for weights all in memory."""
+        if not weights.resident or self.impl not in ("fused", "grouped") or torch.compiler.is_compiling():
+            return False
+        return self.impl == "fused" or (x_TD.device.type == "cpu" and not torch.is_autocast_enabled("cpu"))
+
     def kernel(self, x_RD: Tensor, counts_E: Tensor, weights) -> str:
         """Name of the kernel for these compact rows (a key of EXPERT_IMPLS, or "blocked")."""
         R = x_RD.shape[0]
@@ -111,6 +123,8 @@ class ExpertsPath:
     def run(self, x_RD: Tensor, counts_E: Tensor, weights, block_rows: int = 0) -> Tensor:
         """y_RD = each row's expert applied to it: rows sorted by expert, counts_E real rows per expert, compact
         or (block_rows C > 0) in the blocked layout of dispatch.block_layout."""
+        if not block_rows and self.fuses(x_RD, weights):
+            return experts_fused(x_RD, counts_E, weights)
         if block_rows:
             return experts_blocked(x_RD, counts_E, weights, block_rows)
         name = self.kernel(x_RD, counts_E, weights)
@@ -262,8 +276,13 @@ class RoutedExperts(nn.Module):
             E = self.weights.n_experts
             y_TD = experts_reference_forward(x_TD, expert_idx_TK, weight_TK, self.expert_fn, E)
             return RoutedOutput(y_TD, torch.bincount(expert_idx_TK.reshape(-1) + 1, minlength=E + 1)[1:])
-        rule = None
-        if self.weights.resident:
+        fuses = self.path.fuses(x_TD, self.weights)
+        if fuses and type(self.path) is ExpertsPath and isinstance(self.dispatcher, LocalDispatcher):
+            plan = sort_plan(expert_idx_TK, weight_TK, self.weights.n_experts)  # dispatch + experts + combine
+            gather = Gather(plan.token_R, plan.row_TK, plan.weight_R.detach())
+            return RoutedOutput(routed_fused(x_TD, weight_TK, plan.counts_E, self.weights, gather), plan.tokens_E)
+        rule = None  # compact rows; the fused kernel (wrapped, or over all-to-all) takes them so too
+        if self.weights.resident and not fuses:
             G = self.weights.stacked().w_up.shape[-1]
 
             def rule(counts_E: Tensor) -> int:

@@ -62,7 +62,9 @@ def _check_lm(backend, tol=TOL):
 
 
 def test_lm_compiled_aot_eager_equals_eager():
-    _check_lm("aot_eager")
+    """Eager runs the fused per-expert kernel on worker threads, which dynamo does not trace (it compiles the
+    blocked path): the same sums in another order, so one embedding gradient may differ by ~1.3e-5."""
+    _check_lm("aot_eager", {"atol": 5e-5, "rtol": 1e-5})
 
 
 @pytest.mark.slow

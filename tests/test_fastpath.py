@@ -27,7 +27,7 @@ from moelab.experts import Experts, ExpertsPath, RoutedExperts
 from moelab.moe import MoELayer
 from moelab.routers import Routing, apply_capacity
 
-FAST = [name for name in ("grouped", *EXPERT_IMPLS) if name != "loop"]
+FAST = [name for name in ("grouped", "fused", *EXPERT_IMPLS) if name != "loop"]
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
@@ -379,7 +379,7 @@ def test_regathered_rows_give_the_same_gradients(regather):
     experts = Experts(E, D, F)
     x_TD = torch.randn(T, D, generator=gen, requires_grad=True)
     params = [x_TD, routing.weight_TK, experts.w_up_EDG, experts.w_down_EFD]
-    routed = RoutedExperts(experts, ExpertsPath("grouped", regather=regather))
+    routed = RoutedExperts(experts, ExpertsPath("grouped_mm", regather=regather))  # not fused: dispatched rows
     got = routed(x_TD, routing.expert_idx_TK, routing.weight_TK).y_TD
     want = experts_reference_forward(x_TD, routing.expert_idx_TK, routing.weight_TK, routed.expert_fn, E)
     torch.testing.assert_close(got, want, **TOL)
