@@ -26,6 +26,7 @@ from torch import Tensor
 
 from moelab.config import EXPERT_IMPLS, MoEConfig
 from moelab.expert_kernels import ExpertTensors, activate, bmm_mlp, mlp
+from moelab.experts import scoped_threads
 from moelab.moe import MoELayer
 
 RESULTS_DIR = Path("benchmarks") / "results"  # relative to the current folder, never the installed package
@@ -167,9 +168,11 @@ def _fwd_bwd(f, params):
 
 
 def peak_bytes(fn) -> int:
-    """Peak CPU bytes allocated above the starting point while fn runs (torch.profiler memory events)."""
+    """Peak CPU bytes allocated above the starting point while fn runs (torch.profiler memory events), on one
+    intra-op thread: the profiler counts only the calling thread's allocations, and on one thread the fused
+    kernel runs on it (on more, each extra worker adds one expert's temporaries and one (T, D) buffer)."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with scoped_threads(1), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
@@ -183,18 +186,21 @@ def peak_bytes(fn) -> int:
 
 
 def layout_stats(layer: MoELayer, x_TD: Tensor) -> dict:
-    """Rows the experts path computes for these tokens: block rows C, padding and tail shares of the real rows."""
+    """Rows the experts path computes for these tokens: the kernel, block rows C, padding and tail shares of the
+    real rows (the fused kernel: every expert's own rows, no padding, no tail)."""
     with torch.no_grad():
         idx = layer.route(x_TD, None, None).expert_idx_TK
     c_E = torch.bincount(idx[idx >= 0], minlength=layer.cfg.n_experts)
     path, w = layer.experts.path, layer.experts.weights
-    C = path.block_rows(c_E, G=w.w_up_EDG.shape[2], itemsize=4)
+    fused = path.fuses(x_TD, w)
+    C = 0 if fused else path.block_rows(c_E, G=w.w_up_EDG.shape[2], itemsize=4)
     R, E = int(c_E.sum()), c_E.numel()
     over = (c_E - C).clamp_min(0)
     rows = E * C + int(over.sum()) if C else R
     return {"max_vio": float(c_E.max() / c_E.float().mean() - 1), "min_count": int(c_E.min()),
-            "max_count": int(c_E.max()), "block_rows": C, "padding_share": (rows - R) / R,
-            "tail_share": int(over.sum()) / R if C else 1.0, "tail_experts": int((over > 0).sum()) if C else E}
+            "max_count": int(c_E.max()), "kernel": "fused" if fused else ("blocked" if C else "compact"),
+            "block_rows": C, "padding_share": (rows - R) / R, "tail_share": int(over.sum()) / R if C else 0.0,
+            "tail_experts": int((over > 0).sum()) if C else 0}
 
 
 def bench_shape(s: Shape, rounds: int, budget_s: float, impl: str, with_hf: bool, prof: bool = False,
@@ -362,8 +368,10 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
                      f"{m['dense'] / 2**20:.0f} MiB", f"{s['peak_mem_moelab_over_dense']:.2f}", "", "(full)"))
         rows.append((name, "activation mem", "", "", "", "", f"{s['peak_act_mem_moelab_over_dense']:.2f}", "",
                      "<= 1.2"))
-        split = (f"pad {100 * lay['padding_share']:.1f}%, tail {100 * lay['tail_share']:.1f}% / "
-                 f"{lay['tail_experts']} experts" if lay["block_rows"] else "compact, expert by expert (big blocks)")
+        split = {"fused": "fused per expert: each expert's own rows, pad 0%",
+                 "compact": "compact, expert by expert (big blocks)"}.get(
+            lay.get("kernel"), f"pad {100 * lay['padding_share']:.1f}%, tail {100 * lay['tail_share']:.1f}% / "
+                               f"{lay['tail_experts']} experts")
         rows.append((name, "rows", f"C={lay['block_rows']}", "", "", "", split, "", "pad <= 5%"))
     d = results["decode"]
     hf = f"{d['best_hf_over_moelab']:.2f}x" if "best_hf_over_moelab" in d else "-"
@@ -373,6 +381,24 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
     rows.append((f"decode T={d['shape']['T']} (fine)", "fwd, all threads", f"{d['moelab_all_threads_ms']:.2f}",
                  f"{d['floor_ms']:.2f}", f"{d['moelab_all_threads_over_floor']:.2f}", "", "", "", ""))
     return rows
+
+
+def summary_markdown(results: dict) -> str:
+    """The README's table: per shape, moelab over the GEMM floor, transformers' best over moelab and the
+    activation memory over dense-eq; decode over its weight-read floor."""
+    lines = ["| shape | fwd / floor | fwd+bwd / floor | best HF / moelab fwd | fwd+bwd | activation mem / dense-eq |",
+             "|---|---|---|---|---|---|"]
+    for s in results["shapes"]:
+        sh, f, fb = s["shape"], s["fwd"], s["fwd_bwd"]
+        hf = [f"{r['best_hf_over_moelab']:.2f}x" if "best_hf_over_moelab" in r else "-" for r in (f, fb)]
+        lines.append(f"| {sh['name']} E={sh['E']} k={sh['k']} F={sh['F']} T={sh['T']} "
+                     f"(MaxVio {s['check']['layout']['max_vio']:.2f}) | {f['moelab_over_floor']:.2f} | "
+                     f"{fb['moelab_over_floor']:.2f} | {hf[0]} | {hf[1]} | {s['peak_act_mem_moelab_over_dense']:.2f} |")
+    d = results["decode"]
+    hf = f"{d['best_hf_over_moelab']:.2f}x" if "best_hf_over_moelab" in d else "-"
+    lines.append(f"| decode T={d['shape']['T']} (fine) | {d['moelab_over_floor']:.2f} (weight-read floor) | - | "
+                 f"{hf} | - | - |")
+    return "\n".join(lines)
 
 
 def print_table(results: dict) -> None:
@@ -415,6 +441,7 @@ def run(*, quick: bool = False, rounds: int = 15, budget_s: float = 200.0, impl:
     results["noisy"] = max(results["loadavg_1min_start"], results["loadavg_1min_end"]) > 1.5
     print_table(results)
     print(to_markdown(results))
+    print(summary_markdown(results))
     for s in results["shapes"] if prof else ():
         for mode, by_impl in s["profile"].items():
             top = ", ".join(f"{r['op']} {100 * r['share']:.0f}%" for r in by_impl["moelab"][:8])

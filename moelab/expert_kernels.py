@@ -128,6 +128,8 @@ def grouped_mm_available(x_RD: Tensor, w: ExpertTensors) -> bool:
     """torch._grouped_mm needs every row stride (and R for the weight grad) to be a multiple of 16 bytes."""
     if not hasattr(torch, "_grouped_mm") or x_RD.dtype != w.w_up.dtype:
         return False
+    if torch.compiler.is_compiling() and x_RD.dtype != torch.bfloat16:  # its meta function takes bf16 only
+        return False
     E, D, G = w.w_up.shape
     R = x_RD.shape[0]
     if R == 0 or E == 0:  # no rows (e.g. an EP rank that receives nothing): the loop handles it

@@ -97,8 +97,9 @@ class ExpertsPath:
     def fuses(self, x_TD: Tensor, weights) -> bool:
         """True when dispatch, experts and combine run as one fused kernel (`expert_pool.routed_fused`: each
         expert's rows gathered, through its MLP and back, per expert on worker threads): impl fused, or auto
-        (grouped) on a CPU outside torch.compile and autocast, for weights all in memory."""
-        if not weights.resident or self.impl not in ("fused", "grouped") or torch.compiler.is_compiling():
+        (grouped) on a CPU outside autocast, for weights all in memory. Under torch.compile the fused kernel is
+        one eager call (a graph break around it: threads and Python per expert are not traced)."""
+        if not weights.resident or self.impl not in ("fused", "grouped"):
             return False
         return self.impl == "fused" or (x_TD.device.type == "cpu" and not torch.is_autocast_enabled("cpu"))
 
@@ -278,9 +279,7 @@ class RoutedExperts(nn.Module):
             return RoutedOutput(y_TD, torch.bincount(expert_idx_TK.reshape(-1) + 1, minlength=E + 1)[1:])
         fuses = self.path.fuses(x_TD, self.weights)
         if fuses and type(self.path) is ExpertsPath and isinstance(self.dispatcher, LocalDispatcher):
-            plan = sort_plan(expert_idx_TK, weight_TK, self.weights.n_experts)  # dispatch + experts + combine
-            gather = Gather(plan.token_R, plan.row_TK, plan.weight_R.detach())
-            return RoutedOutput(routed_fused(x_TD, weight_TK, plan.counts_E, self.weights, gather), plan.tokens_E)
+            return _routed_local(x_TD, expert_idx_TK, weight_TK, self.weights)  # dispatch + experts + combine
         rule = None  # compact rows; the fused kernel (wrapped, or over all-to-all) takes them so too
         if self.weights.resident and not fuses:
             G = self.weights.stacked().w_up.shape[-1]
@@ -298,3 +297,11 @@ class RoutedExperts(nn.Module):
     def expert_fn(self, e: int, x_ND: Tensor) -> Tensor:
         """Expert e applied to any rows (the per-expert reference)."""
         return mlp(x_ND, self.weights.expert(e), self.weights.act)
+
+
+@torch.compiler.disable  # worker threads and Python per expert: under torch.compile one eager call
+def _routed_local(x_TD: Tensor, expert_idx_TK: Tensor, weight_TK: Tensor, weights) -> RoutedOutput:
+    """Local dispatch plan (compact rows), then the fused kernel gathers, runs and combines them."""
+    plan = sort_plan(expert_idx_TK, weight_TK, weights.n_experts)
+    gather = Gather(plan.token_R, plan.row_TK, plan.weight_R.detach())
+    return RoutedOutput(routed_fused(x_TD, weight_TK, plan.counts_E, weights, gather), plan.tokens_E)

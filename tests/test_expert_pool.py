@@ -1,7 +1,8 @@
 """The fused per-expert kernel on worker threads (expert_pool.py) vs its twins: forward and every gradient to
 1e-5 against permute -> experts_loop -> unpermute, on random shapes with empty experts, dropped slots, T=1,
 biases, frozen weights and 1-3 workers; the thread counts it leaves behind; errors raised in a worker."""
-import threading
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -119,19 +120,29 @@ def test_inference_mode_and_no_grad_run_on_workers():
         torch.testing.assert_close(_fused(x_TD, idx_TK, w_TK, experts, 2), want, **TOL)
 
 
-def test_thread_counts_are_left_as_they_were():
-    """The workers run on one intra-op thread each; the caller's count and the default new threads get are
-    unchanged once the pool exists."""
-    before = torch.get_num_threads()
-    seen = []
-    run_on_workers([[0, 1], [2, 3]], lambda i, w: seen.append(torch.get_num_threads()))
-    assert seen == [1, 1, 1, 1]
-    assert torch.get_num_threads() == before
-    later = []
-    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
-    t.start()
-    t.join()
-    assert later == [before]
+WORKER_THREADS = """
+import threading, torch
+from moelab.expert_pool import run_on_workers
+torch.set_num_threads(2)
+seen = []
+def work(i, w):
+    torch.nn.functional.silu(torch.randn(512, 512))  # big enough for a parallel region on two threads
+    seen.append(torch.get_num_threads())
+run_on_workers([[0, 1], [2, 3]], work)
+later = []
+t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+t.start(); t.join()
+print(seen, torch.get_num_threads(), later)
+"""
+
+
+def test_workers_stay_on_one_thread_and_the_caller_keeps_its_count():
+    """In a fresh process on two threads: every worker runs on one intra-op thread even after ops that open a
+    parallel region (torch's once-per-thread setup would reset them to the default, and two-thread workers
+    start OpenMP teams that slow every parallel op in the process); the caller's count and the default a new
+    thread gets are unchanged."""
+    out = subprocess.run([sys.executable, "-c", WORKER_THREADS], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[0] == "[1, 1, 1, 1] 2 [2]"
 
 
 def test_error_in_a_worker_reaches_the_caller():
