@@ -14,7 +14,7 @@ from moelab.runtime import DEVICES, DTYPES, Runtime, runtime
 
 # fields `train --resume` may change (what the run does next, not what it is); anything else is refused
 RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_last",
-                     "train.eval_batches")
+                     "train.eval_batches", "train.compile")
 
 
 def set_threads(threads: int | None) -> None:

@@ -209,7 +209,8 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] 
                 extra["choices"] = CHOICES[key]
             group.add_argument(*flags, dest=f"cfg:{key}", metavar=None if key in CHOICES else name.upper(),
                                default=None, **extra,
-                               help=f"{docs.get(name, '')} (default {defaults[name]!r} or the preset's)")
+                               help=f"{docs.get(name, '')} (default {defaults[name]!r} or the preset's)"
+                               .replace("%", "%%"))  # argparse formats help with %
     parser.add_argument("--moe-set", nargs="+", metavar="FIELD=VALUE", help="MoEConfig fields as FIELD=VALUE, "
                         "e.g. --moe-set n_null=2 (same as --moe.n_null 2)")
 

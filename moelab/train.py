@@ -130,6 +130,8 @@ class Trainer:
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}],
                                      lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False, foreach=False)
+        if cfg.compile:  # in place: the same module, parameters and state_dict keys; the experts run eagerly
+            self.model.compile()
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.log_sinks: list[Callable[[dict], None]] = []  # also called with every metrics.jsonl record

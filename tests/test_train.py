@@ -306,3 +306,22 @@ def test_bfloat16_autocast_keeps_router_and_losses_in_float32(tmp_path, corpus):
     assert math.isfinite(rec["loss"]) and all(p.dtype == torch.float32 for p in tr.model.parameters())
     with pytest.raises(ValueError, match="--dtype='float16' is invalid"):
         Runtime("cpu", "float16")
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_saves_the_same_keys(tmp_path, corpus):
+    """TrainConfig.compile: the model compiled in place (inductor) trains to the eager losses (inductor's fused
+    kernels sum in another order: 1e-4) and its checkpoint has the eager run's keys, loadable without compile."""
+    torch._dynamo.reset()
+    eager = Trainer(tiny_model("loss_free"), train_cfg(steps=4), tmp_path / "eager", corpus=corpus, verbose=False)
+    eager.fit()
+    comp = Trainer(tiny_model("loss_free"), train_cfg(steps=4, compile=True), tmp_path / "comp", corpus=corpus,
+                   verbose=False)
+    comp.fit()
+    for a, b in zip(train_losses(tmp_path / "eager"), train_losses(tmp_path / "comp")):
+        assert abs(a - b) < 1e-4
+    want = eager.model.state_dict()
+    got = load_model(tmp_path / "comp")[0].state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=1e-4, msg=k)
