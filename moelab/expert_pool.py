@@ -161,6 +161,7 @@ class _FusedExperts(torch.autograd.Function):
         y_N: list[Tensor | None] = [None] * len(spans)
         out = x_SD.new_empty(sum(counts), D_out) if gather is None else None
         acc = [x_SD.new_zeros(x_SD.shape[0], D_out) for _ in groups] if gather is not None else []
+        scale_a = gather is not None and not keep and b_down is None  # inference: nothing kept for backward
 
         def work(i: int, w: int) -> None:
             e, lo, hi = spans[i]
@@ -168,7 +169,12 @@ class _FusedExperts(torch.autograd.Function):
             h_NG = x_ND @ w_up[e]
             if b_up is not None:
                 h_NG += b_up[e]
-            y_ND = torch.mm(act(h_NG), w_down[e], out=out[lo:hi] if gather is None else None)
+            a_NF = act(h_NG)
+            if scale_a:  # weight * (a @ W) = (weight * a) @ W: F wide instead of D, in place, no y kept
+                acc[w].index_add_(0, gather.token_R[lo:hi], a_NF.mul_(gather.weight_R[lo:hi, None].to(a_NF.dtype))
+                                  @ w_down[e])
+                return
+            y_ND = torch.mm(a_NF, w_down[e], out=out[lo:hi] if gather is None else None)
             if b_down is not None:
                 y_ND += b_down[e]
             if gather is not None:

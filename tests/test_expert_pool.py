@@ -9,7 +9,7 @@ import torch
 
 from moelab.dispatch import permute, sort_plan, unpermute
 from moelab.expert_kernels import ExpertTensors, experts_loop
-from moelab.expert_pool import Gather, assign, experts_fused, routed_fused, run_on_workers
+from moelab.expert_pool import FEW_ROWS, Gather, assign, experts_fused, routed_fused, run_on_workers
 from moelab.experts import Experts, ExpertsPath, RoutedExperts
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -63,7 +63,9 @@ def _assert_same(got, want, inputs):
 # (T, E, K, D, F, n_empty, drop, activation, bias)
 CASES = [(37, 8, 2, 16, 12, 3, 0.0, "swiglu", False), (1, 6, 2, 8, 4, 0, 0.0, "swiglu", True),
          (24, 8, 3, 12, 20, 2, 0.3, "gelu", True), (13, 5, 5, 7, 9, 0, 0.2, "swiglu", False),
-         (9, 16, 1, 8, 4, 10, 0.0, "swiglu", True), (6, 4, 2, 8, 8, 0, 1.0, "swiglu", False)]
+         (9, 16, 1, 8, 4, 10, 0.0, "swiglu", True), (6, 4, 2, 8, 8, 0, 1.0, "swiglu", False),
+         (300, 6, 2, 16, 12, 1, 0.1, "swiglu", True), (160, 4, 3, 8, 8, 0, 0.0, "gelu", False)]
+# more than FEW_ROWS rows per expert (the last two): the per-expert schedule; fewer: the two-phase one
 
 
 @pytest.mark.parametrize("n_workers", [1, 2, 3])
@@ -108,11 +110,14 @@ def test_custom_gate_function_is_differentiated_per_expert():
                  [x_TD, w_TK, *experts.parameters()])
 
 
-def test_inference_mode_and_no_grad_run_on_workers():
+@pytest.mark.parametrize("T", [30, 300])
+def test_inference_mode_and_no_grad_run_on_workers(T):
+    """T=300: the per-expert schedule, which without grad scales the activations by the weights instead."""
+    assert T * 2 / 8 > FEW_ROWS or T == 30
     gen = torch.Generator().manual_seed(5)
     experts = Experts(8, 16, 8)
-    idx_TK, w_TK = _routing(30, 8, 2, gen)
-    x_TD = torch.randn(30, 16, generator=gen)
+    idx_TK, w_TK = _routing(T, 8, 2, gen)
+    x_TD = torch.randn(T, 16, generator=gen)
     want = _reference(x_TD, idx_TK, w_TK, experts).detach()
     with torch.inference_mode():
         torch.testing.assert_close(_fused(x_TD, idx_TK, w_TK, experts, 2), want, **TOL)
