@@ -192,7 +192,7 @@ def layout_stats(layer: MoELayer, x_TD: Tensor) -> dict:
         idx = layer.route(x_TD, None, None).expert_idx_TK
     c_E = torch.bincount(idx[idx >= 0], minlength=layer.cfg.n_experts)
     path, w = layer.experts.path, layer.experts.weights
-    fused = path.fuses(x_TD, w)
+    fused = path.fuses(x_TD, int((idx >= 0).sum()), w)
     C = 0 if fused else path.block_rows(c_E, G=w.w_up_EDG.shape[2], itemsize=4)
     R, E = int(c_E.sum()), c_E.numel()
     over = (c_E - C).clamp_min(0)

@@ -249,7 +249,7 @@ class TrainConfig:
     val_fraction: float = 0.1        # share of files held out for validation
     split_version: int = 2           # train/validation split rule: 2 = by content hash, 1 = by file name (old runs)
     data: tuple[str, ...] = ("builtin",)  # "builtin" or the user's text files / folders
-    compile: bool = False            # torch.compile the model (inductor): ~6% faster steps on CPU after ~10 s compiling
+    compile: bool = False            # torch.compile the model (inductor): ~5% faster steps on CPU after ~10 s compiling
 
     def __post_init__(self) -> None:
         for f in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_batches", "keep_last"):

@@ -104,45 +104,6 @@ def _sum(parts: list[Tensor]) -> Tensor:
     return out
 
 
-FEW_ROWS = 32  # at most this many rows per expert on average (decode): the two-phase schedule of `_few_rows`
-
-
-def _few_rows(x_SD, weight_TK, w_up, w_down, b_up, b_down, act, spans, groups, gather, h_N, y_N, keep):
-    """The forward for a few rows per expert (decode), where per-expert small ops cost more than the GEMMs:
-    the rows gathered at once, the up GEMMs on the workers, the activation once, the down GEMMs on the
-    workers, one weighted combine (embedding_bag). Fills h_N / y_N with views when keep; returns y_RD on rows,
-    y_TD with a Gather plan. The same math as `_FusedExperts.forward`, fewer ops per expert."""
-    x_RD = x_SD if gather is None else x_SD.index_select(0, gather.token_R)
-    R = x_RD.shape[0]
-    h_RG = x_RD.new_empty(R, w_up.shape[2])
-    y_RD = x_RD.new_empty(R, w_down.shape[2])
-
-    def up(i: int, w: int) -> None:
-        e, lo, hi = spans[i]
-        h_NG = torch.mm(x_RD[lo:hi], w_up[e], out=h_RG[lo:hi])
-        if b_up is not None:
-            h_NG += b_up[e]
-
-    def down(i: int, w: int) -> None:
-        e, lo, hi = spans[i]
-        y_ND = torch.mm(a_RF[lo:hi], w_down[e], out=y_RD[lo:hi])
-        if b_down is not None:
-            y_ND += b_down[e]
-
-    run_on_workers(groups, up)
-    a_RF = act(h_RG)
-    run_on_workers(groups, down)
-    for i, (_, lo, hi) in enumerate(spans if keep else ()):
-        h_N[i], y_N[i] = h_RG[lo:hi], y_RD[lo:hi]
-    if gather is None:
-        return y_RD
-    T, row_TK = x_SD.shape[0], gather.row_TK
-    if R == 0:
-        return y_RD.new_zeros(T, y_RD.shape[1])
-    w_TK = weight_TK.masked_fill(row_TK < 0, 0.0).to(y_RD.dtype)
-    return torch.nn.functional.embedding_bag(row_TK.clamp_min(0), y_RD, per_sample_weights=w_TK, mode="sum")
-
-
 class _FusedExperts(torch.autograd.Function):
     """Each row's expert e: y = act(x @ w_up[e] + b_up[e]) @ w_down[e] + b_down[e], per expert on the workers.
     On rows x_RD it returns y_RD. With a Gather plan its input is x_TD and its output the combined
@@ -182,16 +143,13 @@ class _FusedExperts(torch.autograd.Function):
             if keep:
                 h_N[i], y_N[i] = h_NG, (y_ND if gather is not None else None)
 
-        if sum(counts) > FEW_ROWS * len(spans):
-            run_on_workers(groups, work)
-        else:
-            out = _few_rows(x_SD, weight_TK, w_up, w_down, b_up, b_down, act, spans, groups, gather, h_N, y_N, keep)
+        run_on_workers(groups, work)
         ctx.save_for_backward(x_SD, w_up, w_down)
         ctx.h_N, ctx.y_N, ctx.groups = h_N, y_N, groups
         ctx.act, ctx.spans, ctx.E, ctx.gather = act, spans, len(counts), gather
         ctx.has_bias = (b_up is not None, b_down is not None)
         ctx.weight_dtype = None if weight_TK is None else weight_TK.dtype
-        return out if gather is None or out is not None else _sum(acc)
+        return out if gather is None else _sum(acc)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

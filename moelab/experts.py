@@ -73,6 +73,8 @@ class ExpertsPath:
     few_rows: int = 256              # calls with at most this many token slots (decode) run on few_threads
     few_threads: int = 1             # intra-op threads for those calls, scoped (0 = all); see docs/speed.md
     regather: bool = True            # backward regathers the dispatched rows from x_TD instead of keeping them
+    fuse_macs: float = 16e6          # auto fuses when the mean expert's up GEMM has this many multiply-adds; below,
+                                     # per-expert Python costs more than the threads save (docs/speed.md)
 
     def __post_init__(self) -> None:
         if self.impl not in IMPLS:
@@ -94,14 +96,20 @@ class ExpertsPath:
             return C_max if (C_max - c_E).sum() <= budget else 0
         return best_block_rows(c_E, budget, self.tail_row_cost, self.tail_expert_cost)
 
-    def fuses(self, x_TD: Tensor, weights) -> bool:
-        """True when dispatch, experts and combine run as one fused kernel (`expert_pool.routed_fused`: each
-        expert's rows gathered, through its MLP and back, per expert on worker threads): impl fused, or auto
-        (grouped) on a CPU outside autocast, for weights all in memory. Under torch.compile the fused kernel is
-        one eager call (a graph break around it: threads and Python per expert are not traced)."""
+    def fuses(self, x: Tensor, rows: int, weights) -> bool:
+        """True when the experts run as the fused kernel (`expert_pool`: each expert's rows gathered, through
+        its MLP and combined back, per expert on worker threads) for `rows` token slots or dispatched rows of x:
+        impl fused, or auto (grouped) on a CPU outside autocast, for weights all in memory, when the average
+        expert's up GEMM (rows/E x D x G) has at least `fuse_macs` multiply-adds. Under torch.compile the fused
+        kernel is one eager call (a graph break around it: threads and Python per expert are not traced)."""
         if not weights.resident or self.impl not in ("fused", "grouped"):
             return False
-        return self.impl == "fused" or (x_TD.device.type == "cpu" and not torch.is_autocast_enabled("cpu"))
+        if self.impl == "fused":
+            return True
+        if x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            return False
+        _, D, G = weights.stacked().w_up.shape
+        return rows / max(weights.n_experts, 1) * D * G >= self.fuse_macs
 
     def kernel(self, x_RD: Tensor, counts_E: Tensor, weights) -> str:
         """Name of the kernel for these compact rows (a key of EXPERT_IMPLS, or "blocked")."""
@@ -124,7 +132,7 @@ class ExpertsPath:
     def run(self, x_RD: Tensor, counts_E: Tensor, weights, block_rows: int = 0) -> Tensor:
         """y_RD = each row's expert applied to it: rows sorted by expert, counts_E real rows per expert, compact
         or (block_rows C > 0) in the blocked layout of dispatch.block_layout."""
-        if not block_rows and self.fuses(x_RD, weights):
+        if not block_rows and self.fuses(x_RD, x_RD.shape[0], weights):
             return experts_fused(x_RD, counts_E, weights)
         if block_rows:
             return experts_blocked(x_RD, counts_E, weights, block_rows)
@@ -277,7 +285,7 @@ class RoutedExperts(nn.Module):
             E = self.weights.n_experts
             y_TD = experts_reference_forward(x_TD, expert_idx_TK, weight_TK, self.expert_fn, E)
             return RoutedOutput(y_TD, torch.bincount(expert_idx_TK.reshape(-1) + 1, minlength=E + 1)[1:])
-        fuses = self.path.fuses(x_TD, self.weights)
+        fuses = self.path.fuses(x_TD, expert_idx_TK.numel(), self.weights)
         if fuses and type(self.path) is ExpertsPath and isinstance(self.dispatcher, LocalDispatcher):
             return _routed_local(x_TD, expert_idx_TK, weight_TK, self.weights)  # dispatch + experts + combine
         rule = None  # compact rows; the fused kernel (wrapped, or over all-to-all) takes them so too

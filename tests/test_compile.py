@@ -1,7 +1,7 @@
 """torch.compile on CPU: the MoE layer and MoELM compiled equal eager, forward and every gradient (1e-5), with
-per-expert counts that change from call to call (dynamic shapes). The default (fused) expert kernel runs as one
-eager call inside the compiled graph; the traced kernels (blocked / padded bmm, grouped_mm: what autocast and
-accelerators get) compile."""
+per-expert counts that change from call to call (dynamic shapes). The fused expert kernel (auto's choice for
+big experts on a CPU) runs as one eager call inside the compiled graph; the traced kernels (blocked / padded
+bmm, grouped_mm: what small experts, autocast and accelerators get) compile."""
 import pytest
 import torch
 
@@ -32,7 +32,7 @@ def _check_layer(layer, compiled, xs):
                 torch.testing.assert_close(a, b, **TOL)
 
 
-@pytest.mark.parametrize("impl", ["grouped", "padded", "grouped_mm"])
+@pytest.mark.parametrize("impl", ["grouped", "fused", "padded", "grouped_mm"])
 @pytest.mark.parametrize("max_vio_bias", [2.0])
 def test_layer_compiled_aot_eager_equals_eager(max_vio_bias, impl):
     """Dynamo + AOT autograd (no codegen: fast): the traced graphs and their backward equal eager; a biased gate

@@ -9,7 +9,7 @@ import torch
 
 from moelab.dispatch import permute, sort_plan, unpermute
 from moelab.expert_kernels import ExpertTensors, experts_loop
-from moelab.expert_pool import FEW_ROWS, Gather, assign, experts_fused, routed_fused, run_on_workers
+from moelab.expert_pool import Gather, assign, experts_fused, routed_fused, run_on_workers
 from moelab.experts import Experts, ExpertsPath, RoutedExperts
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -65,7 +65,6 @@ CASES = [(37, 8, 2, 16, 12, 3, 0.0, "swiglu", False), (1, 6, 2, 8, 4, 0, 0.0, "s
          (24, 8, 3, 12, 20, 2, 0.3, "gelu", True), (13, 5, 5, 7, 9, 0, 0.2, "swiglu", False),
          (9, 16, 1, 8, 4, 10, 0.0, "swiglu", True), (6, 4, 2, 8, 8, 0, 1.0, "swiglu", False),
          (300, 6, 2, 16, 12, 1, 0.1, "swiglu", True), (160, 4, 3, 8, 8, 0, 0.0, "gelu", False)]
-# more than FEW_ROWS rows per expert (the last two): the per-expert schedule; fewer: the two-phase one
 
 
 @pytest.mark.parametrize("n_workers", [1, 2, 3])
@@ -112,8 +111,7 @@ def test_custom_gate_function_is_differentiated_per_expert():
 
 @pytest.mark.parametrize("T", [30, 300])
 def test_inference_mode_and_no_grad_run_on_workers(T):
-    """T=300: the per-expert schedule, which without grad scales the activations by the weights instead."""
-    assert T * 2 / 8 > FEW_ROWS or T == 30
+    """Without grad the kernel scales the activations by the weights instead of the outputs."""
     gen = torch.Generator().manual_seed(5)
     experts = Experts(8, 16, 8)
     idx_TK, w_TK = _routing(T, 8, 2, gen)
@@ -185,14 +183,17 @@ def test_same_result_whatever_the_timing():
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
 
-def test_auto_path_fuses_on_cpu_only_outside_compile_and_autocast():
+def test_auto_path_fuses_big_experts_on_cpu_outside_autocast():
+    """Auto fuses when the mean expert's up GEMM (slots/E x D x G) reaches fuse_macs: 64 slots over 4 experts of
+    8 x 8 make 16 x 8 x 8 = 1024 multiply-adds; impl fused always fuses, grouped_mm never."""
     experts = Experts(4, 8, 4)
-    x_TD = torch.randn(3, 8)
-    assert ExpertsPath("grouped").fuses(x_TD, experts) and ExpertsPath("fused").fuses(x_TD, experts)
-    assert not ExpertsPath("grouped_mm").fuses(x_TD, experts)
+    x_TD = torch.randn(32, 8)
+    assert ExpertsPath("grouped", fuse_macs=1024).fuses(x_TD, 64, experts)
+    assert not ExpertsPath("grouped", fuse_macs=1025).fuses(x_TD, 64, experts)
+    assert ExpertsPath("fused").fuses(x_TD, 1, experts) and not ExpertsPath("grouped_mm").fuses(x_TD, 64, experts)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not ExpertsPath("grouped").fuses(x_TD, experts)
-    routed = RoutedExperts(experts)
-    idx_TK, w_TK = _routing(3, 4, 2, torch.Generator().manual_seed(0))
+        assert not ExpertsPath("grouped", fuse_macs=0).fuses(x_TD, 64, experts)
+    idx_TK, w_TK = _routing(32, 4, 2, torch.Generator().manual_seed(0))
     want = RoutedExperts(experts, ExpertsPath("loop"))(x_TD, idx_TK, w_TK).y_TD
-    torch.testing.assert_close(routed(x_TD, idx_TK, w_TK).y_TD, want, **TOL)
+    for path in (ExpertsPath("grouped", fuse_macs=0), ExpertsPath("grouped")):  # fused / not fused
+        torch.testing.assert_close(RoutedExperts(experts, path)(x_TD, idx_TK, w_TK).y_TD, want, **TOL)
