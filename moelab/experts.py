@@ -162,6 +162,7 @@ class WrappedPath:
         return self.inner.run(x_RD, counts_E, weights, block_rows)
 
 
+@torch.compiler.disable  # host-side planning on a few numbers: never traced (dynamo's resumes fail in it)
 def best_block_rows(c_E: Tensor, budget: float, tail_row_cost: float, tail_expert_cost: float) -> int:
     """argmin over C of E*C + tail_row_cost * sum(max(c - C, 0)) + tail_expert_cost * #(c > C), subject to
     sum(max(C - c, 0)) <= budget padding rows. The cost is piecewise linear in C: the optimum is a count or the
