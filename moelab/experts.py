@@ -94,6 +94,8 @@ class ExpertsPath:
         budget = self.max_padding * R
         if self.impl == "padded":
             return C_max if (C_max - c_E).sum() <= budget else 0
+        if R / c_E.numel() < self.tail_expert_cost:  # a few rows per expert (decode): blocks would read every
+            return 0                                  # expert's weights, compact rows only the used experts'
         return best_block_rows(c_E, budget, self.tail_row_cost, self.tail_expert_cost)
 
     def fuses(self, x: Tensor, rows: int, weights) -> bool:

@@ -108,9 +108,10 @@ def test_padded_equal_blocks_expert_by_expert_or_batched(block_bytes):
 @pytest.mark.parametrize("block_bytes", [0, 1 << 40])
 def test_grouped_big_blocks_and_dispatcher_row_limit(block_bytes):
     """block_bytes 0: every expert block counts as big -> the dispatcher does not pad and the path runs expert
-    by expert; huge: padded batched GEMM. Both equal the reference, forward and gradients."""
+    by expert; huge: padded batched GEMM (32 rows per expert: more than the 24 below which blocks never pay).
+    Both equal the reference, forward and gradients."""
     gen = torch.Generator().manual_seed(5)
-    T, E, K, D, F = 24, 6, 2, 8, 12
+    T, E, K, D, F = 96, 6, 2, 8, 12
     routing = _random_routing(T, E, K, gen)
     experts = Experts(E, D, F)
     x_TD = torch.randn(T, D, generator=gen, requires_grad=True)
@@ -124,6 +125,7 @@ def test_grouped_big_blocks_and_dispatcher_row_limit(block_bytes):
     assert (plan.block_rows == 0) == (block_bytes == 0)
     compact_RD = torch.zeros(T * K, D)
     assert path.kernel(compact_RD, counts_E, experts) == ("sparse" if block_bytes == 0 else "blocked")
+    assert path.block_rows(torch.full((E,), 23), G=2 * F, itemsize=4) == 0  # a few rows per expert: compact
     got = routed(x_TD, routing.expert_idx_TK, routing.weight_TK).y_TD
     want = experts_reference_forward(x_TD, routing.expert_idx_TK, routing.weight_TK, routed.expert_fn, E)
     torch.testing.assert_close(got, want, **TOL)
