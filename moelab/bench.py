@@ -15,8 +15,12 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -405,6 +409,7 @@ def print_table(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
     load = f"load {results['loadavg_1min_start']:.1f} -> {results['loadavg_1min_end']:.1f}"
+    load += f", {results['busy_processes']} busy processes" if results.get("busy_processes") else ""
     t = Table(title=f"moelab MoE layer, fp32, {results['threads']} threads ({results['date']}, {load})")
     for col in COLUMNS:
         t.add_column(col, justify="right")
@@ -419,11 +424,29 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in table_rows(results)])
 
 
+@contextmanager
+def busy_processes(n: int) -> Iterator[None]:
+    """n other processes spinning on the CPU while the block runs (the cores shared, reproducibly)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        time.sleep(1.0 if n else 0.0)
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
 def run(*, quick: bool = False, rounds: int = 15, budget_s: float = 200.0, impl: str = "grouped",
-        out: str | None = None, hf: bool = True, prof: bool = False, compiled: bool = False) -> dict:
+        out: str | None = None, hf: bool = True, prof: bool = False, compiled: bool = False, busy: int = 0) -> dict:
     """Runs every measurement, prints the table, writes the JSON; returns the results dict.
     `budget_s` is the timing budget of the whole run (each measurement stops early past its share; at least
-    3 rounds each); warm-up and the memory profiles come on top."""
+    3 rounds each); warm-up and the memory profiles come on top. `busy` other processes spin meanwhile."""
+    with busy_processes(busy):
+        return _run(quick, rounds, budget_s, impl, out, hf, prof, compiled, busy)
+
+
+def _run(quick, rounds, budget_s, impl, out, hf, prof, compiled, busy) -> dict:
     torch.set_num_threads(2)
     with_hf = hf and have_transformers()
     shapes, decode = (QUICK_SHAPES, QUICK_DECODE) if quick else (SHAPES, DECODE)
@@ -433,7 +456,7 @@ def run(*, quick: bool = False, rounds: int = 15, budget_s: float = 200.0, impl:
     t0 = time.perf_counter()
     results = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "threads": 2, "dtype": "float32",
                "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}",
-               "impl": impl, "quick": quick, "loadavg_1min_start": os.getloadavg()[0],
+               "impl": impl, "quick": quick, "busy_processes": busy, "loadavg_1min_start": os.getloadavg()[0],
                "shapes": [bench_shape(s, rounds, share, impl, with_hf, prof, compiled) for s in shapes],
                "decode": bench_decode(decode, 3 * rounds, share, impl, with_hf, 8 if quick else 320)}
     results["wall_s"] = time.perf_counter() - t0
@@ -465,11 +488,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true", help="also record the top ops of moelab and dense (torch.profiler)")
     p.add_argument("--compile", action="store_true", help="also time the layer under torch.compile (inductor; "
                    "compiling takes minutes)")
+    p.add_argument("--busy", type=int, default=0, metavar="N", help="N other processes spin on the CPU during the "
+                   "run (how the layer fares on shared cores)")
 
 
 def run_args(a: argparse.Namespace) -> int:
     run(quick=a.quick, rounds=a.rounds, budget_s=a.budget, impl=a.impl, out=a.out, hf=not a.no_hf, prof=a.profile,
-        compiled=a.compile)
+        compiled=a.compile, busy=a.busy)
     return 0
 
 

@@ -73,7 +73,7 @@ class ExpertsPath:
     few_rows: int = 256              # calls with at most this many token slots (decode) run on few_threads
     few_threads: int = 1             # intra-op threads for those calls, scoped (0 = all); see docs/speed.md
     regather: bool = True            # backward regathers the dispatched rows from x_TD instead of keeping them
-    fuse_macs: float = 16e6          # auto fuses when the mean expert's up GEMM has this many multiply-adds; below,
+    fuse_macs: float = 24e6          # auto fuses when the mean expert's up GEMM has this many multiply-adds; below,
                                      # per-expert Python costs more than the threads save (docs/speed.md)
 
     def __post_init__(self) -> None:
