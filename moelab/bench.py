@@ -352,12 +352,17 @@ COLUMNS = ("shape", "mode", "moelab ms", "floor ms", "moelab / floor", "dense-eq
            "best HF / moelab", "target")
 
 
+def shape_label(s: dict) -> str:
+    """A shape's name in the tables, with the MaxVio its router reached."""
+    sh = s["shape"]
+    return f"{sh['name']} E={sh['E']} k={sh['k']} F={sh['F']} T={sh['T']} (MaxVio {s['check']['layout']['max_vio']:.2f})"
+
+
 def table_rows(results: dict) -> list[tuple[str, ...]]:
     """One row per shape and mode (compiled and memory rows too): what the table and the markdown show."""
     rows = []
     for s in results["shapes"]:
-        sh, lay = s["shape"], s["check"]["layout"]
-        name = f"{sh['name']} E={sh['E']} k={sh['k']} F={sh['F']} T={sh['T']} (MaxVio {lay['max_vio']:.2f})"
+        lay, name = s["check"]["layout"], shape_label(s)
         for mode, target in (("fwd", "<= 1.10 floor, HF >= 1.05x"), ("fwd_bwd", "<= 1.10 floor, HF >= 1.2x")):
             r = s[mode]
             hf = f"{r['best_hf_over_moelab']:.2f}x" if "best_hf_over_moelab" in r else "-"
@@ -393,11 +398,10 @@ def summary_markdown(results: dict) -> str:
     lines = ["| shape | fwd / floor | fwd+bwd / floor | best HF / moelab fwd | fwd+bwd | activation mem / dense-eq |",
              "|---|---|---|---|---|---|"]
     for s in results["shapes"]:
-        sh, f, fb = s["shape"], s["fwd"], s["fwd_bwd"]
+        f, fb = s["fwd"], s["fwd_bwd"]
         hf = [f"{r['best_hf_over_moelab']:.2f}x" if "best_hf_over_moelab" in r else "-" for r in (f, fb)]
-        lines.append(f"| {sh['name']} E={sh['E']} k={sh['k']} F={sh['F']} T={sh['T']} "
-                     f"(MaxVio {s['check']['layout']['max_vio']:.2f}) | {f['moelab_over_floor']:.2f} | "
-                     f"{fb['moelab_over_floor']:.2f} | {hf[0]} | {hf[1]} | {s['peak_act_mem_moelab_over_dense']:.2f} |")
+        lines.append(f"| {shape_label(s)} | {f['moelab_over_floor']:.2f} | {fb['moelab_over_floor']:.2f} | {hf[0]} | "
+                     f"{hf[1]} | {s['peak_act_mem_moelab_over_dense']:.2f} |")
     d = results["decode"]
     hf = f"{d['best_hf_over_moelab']:.2f}x" if "best_hf_over_moelab" in d else "-"
     lines.append(f"| decode T={d['shape']['T']} (fine) | {d['moelab_over_floor']:.2f} (weight-read floor) | - | "
@@ -442,11 +446,6 @@ def run(*, quick: bool = False, rounds: int = 15, budget_s: float = 200.0, impl:
     """Runs every measurement, prints the table, writes the JSON; returns the results dict.
     `budget_s` is the timing budget of the whole run (each measurement stops early past its share; at least
     3 rounds each); warm-up and the memory profiles come on top. `busy` other processes spin meanwhile."""
-    with busy_processes(busy):
-        return _run(quick, rounds, budget_s, impl, out, hf, prof, compiled, busy)
-
-
-def _run(quick, rounds, budget_s, impl, out, hf, prof, compiled, busy) -> dict:
     torch.set_num_threads(2)
     with_hf = hf and have_transformers()
     shapes, decode = (QUICK_SHAPES, QUICK_DECODE) if quick else (SHAPES, DECODE)
@@ -456,11 +455,13 @@ def _run(quick, rounds, budget_s, impl, out, hf, prof, compiled, busy) -> dict:
     t0 = time.perf_counter()
     results = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "threads": 2, "dtype": "float32",
                "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}",
-               "impl": impl, "quick": quick, "busy_processes": busy, "loadavg_1min_start": os.getloadavg()[0],
-               "shapes": [bench_shape(s, rounds, share, impl, with_hf, prof, compiled) for s in shapes],
-               "decode": bench_decode(decode, 3 * rounds, share, impl, with_hf, 8 if quick else 320)}
+               "impl": impl, "quick": quick, "busy_processes": busy}
+    with busy_processes(busy):
+        results["loadavg_1min_start"] = os.getloadavg()[0]
+        results["shapes"] = [bench_shape(s, rounds, share, impl, with_hf, prof, compiled) for s in shapes]
+        results["decode"] = bench_decode(decode, 3 * rounds, share, impl, with_hf, 8 if quick else 320)
+        results["loadavg_1min_end"] = os.getloadavg()[0]  # other processes on the 2 cores while we measured
     results["wall_s"] = time.perf_counter() - t0
-    results["loadavg_1min_end"] = os.getloadavg()[0]  # other processes on the 2 cores while we measured
     results["noisy"] = max(results["loadavg_1min_start"], results["loadavg_1min_end"]) > 1.5
     print_table(results)
     print(to_markdown(results))

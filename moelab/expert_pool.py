@@ -19,7 +19,7 @@ import itertools
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import NamedTuple
 
 import torch
@@ -67,7 +67,9 @@ def run_on_workers(groups: list[list[int]], work: Callable[[int, int], None]) ->
                 work(i, w)
 
     pool = _pool(len(groups), os.getpid())
-    for f in [pool.submit(worker, w) for w in range(len(groups))]:
+    futures = [pool.submit(worker, w) for w in range(len(groups))]
+    wait(futures)  # all done before any error is raised: no worker still writes when the caller unwinds
+    for f in futures:
         f.result()
 
 
@@ -106,34 +108,34 @@ def _sum(parts: list[Tensor]) -> Tensor:
 
 class _FusedExperts(torch.autograd.Function):
     """Each row's expert e: y = act(x @ w_up[e] + b_up[e]) @ w_down[e] + b_down[e], per expert on the workers.
-    On rows x_RD it returns y_RD. With a Gather plan its input is x_TD and its output the combined
-    y_TD = sum_k weight_TK * y[row_TK]: each worker gathers its expert's rows of x_TD (in backward, of the
-    output gradient) and adds the weighted outputs into its own (T, D) buffer. Keeps each expert's h (and
+    On rows (x_in = x_RD) it returns y_RD. With a Gather plan its input x_in is x_TD and its output the
+    combined y_TD = sum_k weight_TK * y[row_TK]: each worker gathers its expert's rows of x_TD (in backward,
+    of the output gradient) and adds the weighted outputs into its own (T, D) buffer. Keeps each expert's h (and
     y, for the routing-weight gradient) as its own small tensor; backward recomputes the activation per
     expert and writes every weight gradient into its expert's slice of one buffer (no rows: zeros)."""
 
     @staticmethod
-    def forward(ctx, x_SD, weight_TK, w_up, w_down, b_up, b_down, act, counts: list[int], n_workers: int,
+    def forward(ctx, x_in, weight_TK, w_up, w_down, b_up, b_down, act, counts: list[int], n_workers: int,
                 gather: Gather | None, keep: bool):
         spans = _spans(counts)
         groups = assign([hi - lo for _, lo, hi in spans], n_workers)
         D_out = w_down.shape[2]
         h_N: list[Tensor | None] = [None] * len(spans)
         y_N: list[Tensor | None] = [None] * len(spans)
-        out = x_SD.new_empty(sum(counts), D_out) if gather is None else None
-        acc = [x_SD.new_zeros(x_SD.shape[0], D_out) for _ in groups] if gather is not None else []
+        out = x_in.new_empty(sum(counts), D_out) if gather is None else None
+        acc = [x_in.new_zeros(x_in.shape[0], D_out) for _ in groups] if gather is not None else []
         scale_a = gather is not None and not keep and b_down is None  # inference: nothing kept for backward
 
         def work(i: int, w: int) -> None:
             e, lo, hi = spans[i]
-            x_ND = x_SD[lo:hi] if gather is None else x_SD.index_select(0, gather.token_R[lo:hi])
+            x_ND = x_in[lo:hi] if gather is None else x_in.index_select(0, gather.token_R[lo:hi])
             h_NG = x_ND @ w_up[e]
             if b_up is not None:
                 h_NG += b_up[e]
             a_NF = act(h_NG)
             if scale_a:  # weight * (a @ W) = (weight * a) @ W: F wide instead of D, in place, no y kept
-                acc[w].index_add_(0, gather.token_R[lo:hi], a_NF.mul_(gather.weight_R[lo:hi, None].to(a_NF.dtype))
-                                  @ w_down[e])
+                a_NF.mul_(gather.weight_R[lo:hi, None].to(a_NF.dtype))
+                acc[w].index_add_(0, gather.token_R[lo:hi], a_NF @ w_down[e])
                 return
             y_ND = torch.mm(a_NF, w_down[e], out=out[lo:hi] if gather is None else None)
             if b_down is not None:
@@ -144,7 +146,7 @@ class _FusedExperts(torch.autograd.Function):
                 h_N[i], y_N[i] = h_NG, (y_ND if gather is not None else None)
 
         run_on_workers(groups, work)
-        ctx.save_for_backward(x_SD, w_up, w_down)
+        ctx.save_for_backward(x_in, w_up, w_down)
         ctx.h_N, ctx.y_N, ctx.groups = h_N, y_N, groups
         ctx.act, ctx.spans, ctx.E, ctx.gather = act, spans, len(counts), gather
         ctx.has_bias = (b_up is not None, b_down is not None)
@@ -154,16 +156,16 @@ class _FusedExperts(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_out: Tensor):
-        x_SD, w_up, w_down = ctx.saved_tensors
+        x_in, w_up, w_down = ctx.saved_tensors
         gather, spans, act, groups = ctx.gather, ctx.spans, ctx.act, ctx.groups
         g_out = g_out.contiguous()
         need_x, need_wt, need_wu, need_wd, need_bu, need_bd = ctx.needs_input_grad[:6]
         R = spans[-1][2] if spans else 0
         g_x = g_xs = None
         if need_x and gather is None:
-            g_x = x_SD.new_empty(x_SD.shape)
+            g_x = x_in.new_empty(x_in.shape)
         elif need_x:
-            g_xs = [x_SD.new_zeros(x_SD.shape) for _ in groups]
+            g_xs = [x_in.new_zeros(x_in.shape) for _ in groups]
         g_wu = w_up.new_empty(w_up.shape) if need_wu else None
         g_wd = w_down.new_empty(w_down.shape) if need_wd else None
         g_bu = w_up.new_zeros(ctx.E, w_up.shape[2]) if need_bu and ctx.has_bias[0] else None
@@ -186,7 +188,7 @@ class _FusedExperts(torch.autograd.Function):
                 torch.mm(a_NF.detach().t(), g_ND, out=g_wd[e])
             (g_NG,) = torch.autograd.grad(a_NF, h_NG, g_ND @ w_down[e].t())
             if g_wu is not None:
-                x_ND = x_SD[lo:hi] if gather is None else x_SD.index_select(0, gather.token_R[lo:hi])
+                x_ND = x_in[lo:hi] if gather is None else x_in.index_select(0, gather.token_R[lo:hi])
                 torch.mm(x_ND.t(), g_NG, out=g_wu[e])
             if g_x is not None:
                 torch.mm(g_NG, w_up[e].t(), out=g_x[lo:hi])
@@ -227,9 +229,9 @@ def routed_fused(x_TD: Tensor, weight_TK: Tensor, counts_E: Tensor, weights, gat
     return _apply(x_TD, weight_TK, counts_E, weights, n_workers, gather)
 
 
-def _apply(x_SD, weight_TK, counts_E, weights, n_workers, gather):
+def _apply(x_in, weight_TK, counts_E, weights, n_workers, gather):
     w: ExpertTensors = weights.stacked()
     n = torch.get_num_threads() if n_workers is None else n_workers
-    inputs = (x_SD.contiguous(), weight_TK, w.w_up, w.w_down, w.b_up, w.b_down)
+    inputs = (x_in.contiguous(), weight_TK, w.w_up, w.w_down, w.b_up, w.b_down)
     keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     return _FusedExperts.apply(*inputs, weights.act, counts_E.tolist(), n, gather, keep)

@@ -15,8 +15,9 @@ offloaded store are others. Kernels (EXPERT_IMPLS) all equal the reference `expe
 per expert): `experts_padded` (all padded to the largest count -> two bmm), `experts_grouped_mm`
 (torch._grouped_mm, 16-byte alignment rule), `experts_sparse` (only experts with rows), and the auto path's
 `experts_blocked` (an equal part of C rows per expert as bmm + a ragged tail, <= 5% padding rows), and
-`expert_pool.experts_fused` (per expert on worker threads; the auto path on a CPU, where it also gathers and
-combines the rows itself); `ExpertsPath` picks among them and decides the dispatch layout (block rows C), with one set of constants.
+`expert_pool.experts_fused` (per expert on worker threads; auto's choice for big experts on a CPU, where it
+also gathers and combines the rows itself); `ExpertsPath` picks among them and decides the dispatch layout
+(block rows C), with one set of constants.
 """
 from __future__ import annotations
 
@@ -59,12 +60,14 @@ def scoped_threads(n: int) -> Iterator[None]:
 @dataclass(frozen=True)
 class ExpertsPath:
     """The one padding/path policy: which kernel runs the experts, and the rows C every expert gets in an equal
-    block part. On a CPU (eager, no autocast) auto = fused: each expert's rows gathered, through its MLP and
-    combined back, per expert on worker threads with no padding (expert_pool.py). Elsewhere (torch.compile,
-    autocast, accelerators) auto = blocked: an equal block part as two bmm (experts with fewer rows padded,
-    rows past C in a ragged tail run expert by expert). C minimises (block rows) + tail_row_cost * (tail rows) + tail_expert_cost * (experts with a tail), padding at
-    most `max_padding` of the rows. Big per-expert blocks are GEMMs efficient on their own: never blocked, run
-    expert by expert."""
+    block part. Auto (grouped) on a CPU outside autocast, for experts whose mean up GEMM reaches `fuse_macs`:
+    fused, each expert's rows gathered, through its MLP and combined back, per expert on worker threads with
+    no padding (expert_pool.py; under torch.compile one eager call). Otherwise (small experts, autocast,
+    accelerators) blocked: an equal block part as two bmm (experts with fewer rows padded, rows past C in a
+    ragged tail run expert by expert), C minimising (block rows) + tail_row_cost * (tail rows) +
+    tail_expert_cost * (experts with a tail), padding at most `max_padding` of the rows; no blocks below
+    tail_expert_cost rows per expert. Big per-expert blocks are GEMMs efficient on their own: never blocked,
+    run expert by expert."""
     impl: str = "grouped"            # grouped (auto) | fused | loop | grouped_mm | padded | sparse
     max_padding: float = 0.05        # padding rows at most this share of the real rows
     block_bytes: int = 4 << 20       # an expert whose hidden block (C rows x G) reaches this runs on its own
@@ -73,8 +76,8 @@ class ExpertsPath:
     few_rows: int = 256              # calls with at most this many token slots (decode) run on few_threads
     few_threads: int = 1             # intra-op threads for those calls, scoped (0 = all); see docs/speed.md
     regather: bool = True            # backward regathers the dispatched rows from x_TD instead of keeping them
-    fuse_macs: float = 24e6          # auto fuses when the mean expert's up GEMM has this many multiply-adds; below,
-                                     # per-expert Python costs more than the threads save (docs/speed.md)
+    fuse_macs: float = 24e6          # auto fuses when the mean expert's up GEMM has this many multiply-adds;
+                                     # below, per-expert Python costs more than the threads save (speed.md)
 
     def __post_init__(self) -> None:
         if self.impl not in IMPLS:

@@ -130,7 +130,7 @@ class Trainer:
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}],
                                      lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False, foreach=False)
-        if cfg.compile:  # in place: the same module, parameters and state_dict keys; the experts run eagerly
+        if cfg.compile:  # in place: the same module, parameters and state_dict keys (fused experts stay eager)
             self.model.compile()
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
