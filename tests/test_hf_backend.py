@@ -126,14 +126,22 @@ def test_no_gate_and_interleaved_default_gate_layouts_match_a_loop():
         m = Fake(has_gate, concat)
         x_TD, idx_TK, w_TK = torch.randn(4, 8), torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1]]), torch.rand(4, 2)
         y_TD = moelab_experts_forward(m, x_TD, idx_TK, w_TK)
-        ref = torch.zeros_like(x_TD)
-        for t in range(4):
-            for k in range(2):
-                e = int(idx_TK[t, k])
-                h = x_TD[t] @ (m.gate_up_proj if has_gate else m.up_proj)[e].T
-                a = m.act_fn(h) if not has_gate else nn.functional.silu(h[::2]) * h[1::2]
-                ref[t] += w_TK[t, k] * (a @ m.down_proj[e].T)
-        torch.testing.assert_close(y_TD, ref, atol=1e-4, rtol=1e-4)
+
+        def expert(e, x_D, m=m, has_gate=has_gate):
+            h = x_D @ (m.gate_up_proj if has_gate else m.up_proj)[e].T
+            a = m.act_fn(h) if not has_gate else nn.functional.silu(h[::2]) * h[1::2]
+            return a @ m.down_proj[e].T
+
+        torch.testing.assert_close(y_TD, _per_slot(x_TD, idx_TK, w_TK, expert), atol=1e-4, rtol=1e-4)
+
+
+def _per_slot(x_TD, idx_TK, w_TK, expert):
+    """Reference by hand, token by token and slot by slot: sum_k w[t, k] * expert(idx[t, k], x[t])."""
+    ref = torch.zeros_like(x_TD)
+    for t in range(idx_TK.shape[0]):
+        for k in range(idx_TK.shape[1]):
+            ref[t] += w_TK[t, k] * expert(int(idx_TK[t, k]), x_TD[t])
+    return ref
 
 
 def test_unsupported_layout_names_the_module_class():
@@ -163,10 +171,9 @@ def test_post_expert_norm_runs_on_each_expert_output_before_the_weight():
     m = Normed()
     x_TD, idx_TK, w_TK = torch.randn(4, 8), torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1]]), torch.rand(4, 2)
     y_TD = moelab_experts_forward(m, x_TD, idx_TK, w_TK)
-    ref = torch.zeros_like(x_TD)
-    for t in range(4):
-        for k in range(2):
-            e = int(idx_TK[t, k])
-            gate, up = (x_TD[t] @ m.gate_up_proj[e].T).chunk(2)
-            ref[t] += w_TK[t, k] * m.post_expert_norm((nn.functional.silu(gate) * up) @ m.down_proj[e].T)
-    torch.testing.assert_close(y_TD, ref, atol=1e-4, rtol=1e-4)
+
+    def expert(e, x_D):
+        gate, up = (x_D @ m.gate_up_proj[e].T).chunk(2)
+        return m.post_expert_norm((nn.functional.silu(gate) * up) @ m.down_proj[e].T)
+
+    torch.testing.assert_close(y_TD, _per_slot(x_TD, idx_TK, w_TK, expert), atol=1e-4, rtol=1e-4)
